@@ -1,0 +1,205 @@
+"""The `Config` dataclass (gin-configurable), flag parsing and config saving.
+
+Field names and defaults are those of multinerf's `internal/configs.py`, so the reference's .gin files and
+`--gin_bindings` work unchanged. The reference's JAX callables named in gin files (`@jnp.reciprocal`,
+`@jax.nn.softplus`, ...) are registered here under the same names, bound to their torch equivalents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import gin
+import torch
+import torch.nn.functional as F
+
+# Gin files of the reference name JAX functions; register torch functions under the same selectors.
+_EXTERNAL = {
+        'jnp': {'reciprocal': torch.reciprocal, 'log': torch.log, 'log1p': torch.log1p, 'exp': torch.exp,
+                        'sqrt': torch.sqrt, 'square': torch.square},
+        'jax.nn': {'relu': F.relu, 'softplus': F.softplus, 'silu': F.silu},
+}
+
+
+def _register_external():
+    for module, fns in _EXTERNAL.items():
+        for name, fn in fns.items():
+            try:
+                gin.external_configurable(fn, name=name, module=module)
+            except ValueError:  # Already registered (module re-import).
+                pass
+
+
+_register_external()
+
+
+@gin.configurable()
+@dataclasses.dataclass
+class Config:
+    """Configuration flags for everything (same names and defaults as the reference)."""
+    dataset_loader: str = 'llff'  # The type of dataset loader to use.
+    batching: str = 'all_images'  # Batch composition, [single_image, all_images].
+    batch_size: int = 16384  # The number of rays/pixels in each batch.
+    patch_size: int = 1  # Resolution of patches sampled for training batches.
+    factor: int = 0  # The downsample factor of images, 0 for no downsampling.
+    load_alphabetical: bool = True  # Load images in COLMAP vs alphabetical ordering (affects heldout test set).
+    forward_facing: bool = False  # Set to True for forward-facing LLFF captures.
+    render_path: bool = False  # If True, render a path.
+    llffhold: int = 8  # Use every Nth image for the test set.
+    llff_use_all_images_for_training: bool = False  # If true, use all input images for training.
+    use_tiffs: bool = False  # If True, use 32-bit TIFFs. Used only by Blender.
+    compute_disp_metrics: bool = False  # If True, load and compute disparity MSE.
+    compute_normal_metrics: bool = False  # If True, load and compute normal MAE.
+    gc_every: int = 10000  # The number of steps between garbage collections.
+    disable_multiscale_loss: bool = False  # If True, disable multiscale loss.
+    randomized: bool = True  # Use randomized stratified sampling.
+    near: float = 2.  # Near plane distance.
+    far: float = 6.  # Far plane distance.
+    checkpoint_dir: Optional[str] = None  # Where to log checkpoints.
+    render_dir: Optional[str] = None  # Output rendering directory.
+    data_dir: Optional[str] = None  # Input data directory.
+    vocab_tree_path: Optional[str] = None  # Path to vocab tree for COLMAP.
+    render_chunk_size: int = 16384  # Chunk size for whole-image renderings.
+    num_showcase_images: int = 5  # The number of test-set images to showcase.
+    deterministic_showcase: bool = True  # If True, showcase the same images.
+    vis_num_rays: int = 16  # The number of rays to visualize.
+    vis_decimate: int = 0  # Decimate images for tensorboard (ie, x[::d, ::d]) to conserve memory usage.
+
+    # Only used by train.py:
+    max_steps: int = 250000  # The number of optimization steps.
+    early_exit_steps: Optional[int] = None  # Early stopping, for debugging.
+    checkpoint_every: int = 25000  # The number of steps to save a checkpoint.
+    checkpoints_to_keep: int = 3  # How many of the newest checkpoints to keep on disk.
+    print_every: int = 100  # The number of steps between reports to tensorboard.
+    train_render_every: int = 5000  # Steps between test set renders when training.
+    cast_rays_in_train_step: bool = False  # If True, compute rays in train step (on the model's device).
+    data_loss_type: str = 'charb'  # What kind of loss to use ('mse', 'charb', 'rawnerf').
+    charb_padding: float = 0.001  # The padding used for Charbonnier loss.
+    data_loss_mult: float = 1.0  # Mult for the finest data term in the loss.
+    data_coarse_loss_mult: float = 0.  # Multiplier for the coarser data terms.
+    interlevel_loss_mult: float = 1.0  # Mult. for the loss on the proposal MLP.
+    orientation_loss_mult: float = 0.0  # Multiplier on the orientation loss.
+    orientation_coarse_loss_mult: float = 0.0  # Coarser orientation loss weights.
+    # RobustNerf loss hyperparameters.
+    robustnerf_inlier_quantile: float = 0.5
+    enable_robustnerf_loss: bool = False
+    robustnerf_inner_patch_size: int = 8
+    robustnerf_smoothed_filter_size: int = 3
+    robustnerf_smoothed_inlier_quantile: float = 0.5
+    robustnerf_inner_patch_inlier_quantile: float = 0.5
+    orientation_loss_target: str = 'normals_pred'  # What that loss is imposed on: 'normals' or 'normals_pred'.
+    predicted_normal_loss_mult: float = 0.0  # Mult. on the predicted normal loss.
+    predicted_normal_coarse_loss_mult: float = 0.0  # Mult. on the coarser predicted normal loss.
+    # Weight decay multipliers by parameter-name prefix, e.g. {'NerfMLP_0': 1e-5, 'PropMLP_0/Dense_0': 1e-3}.
+    weight_decay_mults: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    lr_init: float = 0.002  # The initial learning rate.
+    lr_final: float = 0.00002  # The final learning rate.
+    lr_delay_steps: int = 512  # The number of "warmup" learning steps.
+    lr_delay_mult: float = 0.01  # How much severe the "warmup" should be.
+    adam_beta1: float = 0.9  # Adam's beta1 hyperparameter.
+    adam_beta2: float = 0.999  # Adam's beta2 hyperparameter.
+    adam_eps: float = 1e-6  # Adam's epsilon hyperparameter.
+    grad_max_norm: float = 0.001  # Gradient clipping magnitude, disabled if == 0.
+    grad_max_val: float = 0.  # Gradient clipping value, disabled if == 0.
+    distortion_loss_mult: float = 0.01  # Multiplier on the distortion loss.
+
+    # Only used by eval.py:
+    eval_only_once: bool = True  # If True evaluate the model only once, ow loop.
+    eval_save_output: bool = True  # If True save predicted images to disk.
+    eval_save_ray_data: bool = False  # If True save individual ray traces.
+    eval_render_interval: int = 1  # The interval between images saved to disk.
+    eval_dataset_limit: int = 2**31 - 1  # Num test images to eval.
+    eval_quantize_metrics: bool = True  # If True, run metrics on 8-bit images.
+    eval_crop_borders: int = 0  # Ignore c border pixels in eval (x[c:-c, c:-c]).
+
+    # Only used by render.py:
+    render_video_fps: int = 60  # Framerate in frames-per-second.
+    render_video_crf: int = 18  # Constant rate factor for ffmpeg video quality.
+    render_path_frames: int = 120  # Number of frames in render path.
+    z_variation: float = 0.  # How much height variation in render path.
+    z_phase: float = 0.  # Phase offset for height variation in render path.
+    render_dist_percentile: float = 0.5  # How much to trim from near/far planes.
+    render_dist_curve_fn: Callable[..., Any] = torch.log  # How depth is curved.
+    render_path_file: Optional[str] = None  # Numpy render pose file to load.
+    render_job_id: int = 0  # Render job id.
+    render_num_jobs: int = 1  # Total number of render jobs.
+    render_resolution: Optional[Tuple[int, int]] = None  # Render resolution, as (width, height).
+    render_focal: Optional[float] = None  # Render focal length.
+    render_camtype: Optional[str] = None  # 'perspective', 'fisheye', or 'pano'.
+    render_spherical: bool = False  # Render spherical 360 panoramas.
+    render_save_async: bool = True  # Save frames from a separate thread.
+    # Text file with the names of the images used as spline keyframes, or a directory holding those images.
+    render_spline_keyframes: Optional[str] = None
+    render_spline_n_interp: int = 30  # Num. frames to interpolate per keyframe.
+    render_spline_degree: int = 5  # Polynomial degree of B-spline interpolation.
+    render_spline_smoothness: float = .03  # B-spline smoothing factor, 0 for exact interpolation of keyframes.
+    render_spline_interpolate_exposure: bool = False  # Interpolate per-frame exposure from spline keyframes.
+
+    # Flags for raw datasets.
+    rawnerf_mode: bool = False  # Load raw images and train in raw color space.
+    exposure_percentile: float = 97.  # Image percentile to expose as white.
+    num_border_pixels_to_mask: int = 0  # During training, discard N-pixel border around each input image.
+    apply_bayer_mask: bool = False  # During training, apply Bayer mosaic mask.
+    autoexpose_renders: bool = False  # During rendering, autoexpose each image.
+    eval_raw_affine_cc: bool = False  # For raw test scenes, use affine raw-space color correction.
+
+    # Beyond the reference:
+    seed: int = 0  # Seed of every random stream (model init, batches, sampling).
+    device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None picks CUDA when available.
+
+
+def define_common_flags():
+    """Defines the absl flags used by train, eval and render."""
+    from absl import flags
+    flags.DEFINE_string('mode', None, 'Required by GINXM, not used.')
+    flags.DEFINE_string('base_folder', None, 'Required by GINXM, not used.')
+    flags.DEFINE_multi_string('gin_bindings', None, 'Gin parameter bindings.')
+    flags.DEFINE_multi_string('gin_configs', None, 'Gin config files.')
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (bad gin file or binding)."""
+
+
+def parse_gin(gin_configs: Optional[Sequence[str]], gin_bindings: Optional[Sequence[str]]):
+    """Parses gin files and bindings, turning gin's errors into one-line messages that name the problem."""
+    # Importing registers the configurables that gin files name (Model, PropMLP, NerfMLP, coord.contract).
+    from mipnerf360 import models  # noqa: F401  pylint: disable=unused-import
+    gin_configs = list(gin_configs or [])
+    for path in gin_configs:
+        if not os.path.isfile(path):
+            raise ConfigError(f'Gin config file not found: {path} (see configs/ for the available ones).')
+    try:
+        gin.parse_config_files_and_bindings(gin_configs, list(gin_bindings or []), skip_unknown=False)
+    except (ValueError, KeyError, NameError, SyntaxError, TypeError) as e:
+        msg = ' '.join(str(e).split())
+        raise ConfigError(f'Bad gin config or binding: {msg}') from None
+
+
+def load_config(save_config: bool = True, gin_configs=None, gin_bindings=None) -> Config:
+    """Builds the Config from gin files and bindings (absl flags by default); saves config.gin next to the
+    checkpoints when `save_config`."""
+    if gin_configs is None and gin_bindings is None:
+        from absl import flags
+        gin_configs, gin_bindings = flags.FLAGS.gin_configs, flags.FLAGS.gin_bindings
+    parse_gin(gin_configs, gin_bindings)
+    config = Config()
+    if save_config and config.checkpoint_dir is not None:
+        save_config_str(config.checkpoint_dir)
+    return config
+
+
+def save_config_str(checkpoint_dir: str):
+    """Writes the operative gin config to `checkpoint_dir/config.gin` (atomically)."""
+    if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+        raise ConfigError(f'Config.checkpoint_dir = {checkpoint_dir!r} is an existing file, not a directory; '
+                                            'choose another path.')
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    path = os.path.join(checkpoint_dir, 'config.gin')
+    tmp = path + f'.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        f.write(gin.config_str())
+    os.replace(tmp, path)
