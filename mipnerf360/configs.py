@@ -147,6 +147,9 @@ class Config:
     eval_raw_affine_cc: bool = False  # For raw test scenes, use affine raw-space color correction.
 
     # Beyond the reference:
+    dtu_light_cond: int = 3  # DTU lighting condition (0-6) of the images to load (the reference reads this field
+    # without defining it).
+    dtuhold: int = 8  # DTU: every Nth image is a test image.
     seed: int = 0  # Seed of every random stream (model init, batches, sampling).
     device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None picks CUDA when available.
 

@@ -1,0 +1,109 @@
+"""Checkpoints: atomic writes, newest-first discovery, safe loading.
+
+A checkpoint is one file `checkpoint_<step:08d>.pt` holding a dict of tensors and plain Python values
+(model and optimizer state dicts, step, config seed, ...). It is written to a temporary file in the same
+folder, flushed to disk and renamed, so a run killed at any moment leaves either the previous checkpoint or
+the new one, never a partial newest file. Loading uses `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any, Dict, List, Optional
+
+import torch
+
+_PATTERN = re.compile(r'^checkpoint_(\d+)\.pt$')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or written (the message names the file and what to do)."""
+
+
+def checkpoint_path(checkpoint_dir: str, step: int) -> str:
+    return os.path.join(checkpoint_dir, f'checkpoint_{step:08d}.pt')
+
+
+def list_checkpoints(checkpoint_dir: str) -> List[str]:
+    """Checkpoint files in `checkpoint_dir`, oldest first (by step)."""
+    if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
+        return []
+    found = []
+    for name in os.listdir(checkpoint_dir):
+        m = _PATTERN.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(checkpoint_dir, name)))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
+    ckpts = list_checkpoints(checkpoint_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def step_of(path: str) -> int:
+    m = _PATTERN.match(os.path.basename(path))
+    if not m:
+        raise CheckpointError(f'{path} is not named like a checkpoint (checkpoint_<step>.pt).')
+    return int(m.group(1))
+
+
+def ensure_dir(checkpoint_dir: str):
+    """Creates `checkpoint_dir`, with a clear error when it names a file or cannot be written."""
+    if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(f'Config.checkpoint_dir = {checkpoint_dir!r} is an existing file, not a directory; '
+                                                    'choose another path.')
+    try:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f'Cannot create checkpoint_dir {checkpoint_dir!r}: {e.strerror}; '
+                                                    'choose a writable path.') from None
+    if not os.access(checkpoint_dir, os.W_OK):
+        raise CheckpointError(f'checkpoint_dir {checkpoint_dir!r} is not writable; choose a writable path.')
+
+
+def save_checkpoint(checkpoint_dir: str, state: Dict[str, Any], step: int, keep: int = 3) -> str:
+    """Atomically writes `state` as the checkpoint of `step`; keeps the newest `keep` checkpoints (0 = all)."""
+    ensure_dir(checkpoint_dir)
+    path = checkpoint_path(checkpoint_dir, step)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f'Could not write checkpoint {path}: {e.strerror}. Earlier checkpoints are intact.') \
+                from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if keep > 0:
+        for old in list_checkpoints(checkpoint_dir)[:-keep]:
+            os.remove(old)
+    # Temp files left by a run killed mid-write are garbage; the finished checkpoints never are.
+    for stale in glob.glob(os.path.join(checkpoint_dir, 'checkpoint_*.pt.tmp*')):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
+    return path
+
+
+def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
+    """Loads a checkpoint written by `save_checkpoint` (weights only: no code is unpickled)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'Checkpoint not found: {path}.')
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated / foreign files.
+        reason = ' '.join(str(e).split())[:200]
+        raise CheckpointError(f'Checkpoint {path} is corrupt or not a mipnerf360 checkpoint ({reason}); delete it to '
+                                                    'fall back to the previous one, or point Config.checkpoint_dir elsewhere.') from None
+    if not isinstance(state, dict) or 'model' not in state or 'step' not in state:
+        raise CheckpointError(f'Checkpoint {path} lacks model weights or step; it was not written by mipnerf360. '
+                                                    'Delete it or point Config.checkpoint_dir elsewhere.')
+    return state
