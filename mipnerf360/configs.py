@@ -23,6 +23,9 @@ _EXTERNAL = {
 }
 
 
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _register_external():
     for module, fns in _EXTERNAL.items():
         for name, fn in fns.items():
@@ -171,10 +174,17 @@ def parse_gin(gin_configs: Optional[Sequence[str]], gin_bindings: Optional[Seque
     """Parses gin files and bindings, turning gin's errors into one-line messages that name the problem."""
     # Importing registers the configurables that gin files name (Model, PropMLP, NerfMLP, coord.contract).
     from mipnerf360 import models  # noqa: F401  pylint: disable=unused-import
-    gin_configs = list(gin_configs or [])
-    for path in gin_configs:
+    # `include 'configs/360.gin'` and `--gin_configs=configs/360.gin` also resolve from the repository root.
+    if _REPO_ROOT not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+        gin.add_config_file_search_path(_REPO_ROOT)
+    resolved = []
+    for path in gin_configs or []:
+        if not os.path.isfile(path) and os.path.isfile(os.path.join(_REPO_ROOT, path)):
+            path = os.path.join(_REPO_ROOT, path)
         if not os.path.isfile(path):
             raise ConfigError(f'Gin config file not found: {path} (see configs/ for the available ones).')
+        resolved.append(path)
+    gin_configs = resolved
     try:
         gin.parse_config_files_and_bindings(gin_configs, list(gin_bindings or []), skip_unknown=False)
     except (ValueError, KeyError, NameError, SyntaxError, TypeError) as e:

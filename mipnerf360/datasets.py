@@ -19,6 +19,10 @@ Design (the reference's, with these changes):
   so scenes with several cameras work. 'all_images' batching draws pixels uniformly over all training pixels.
 - `images_N` folders whose size differs from the COLMAP size / N by up to one pixel (the official rounded
   folders) are accepted with intrinsics scaled by the actual ratio; larger differences raise.
+- Render paths: LLFF 360 scenes get `generate_ellipse_path` (or a spline through
+  `Config.render_spline_keyframes`), forward-facing scenes `generate_spiral_path`, FVS an ellipse, NeRF++ its
+  `camera_path/`, and, unlike the reference, Blender scenes a circular orbit (`generate_orbit_path`) at the test
+  cameras' distance and elevation; `Config.render_path_file` (.npy of poses) overrides any of them.
 - User errors raise `DatasetError` (a ValueError; `DatasetNotFoundError` is also a FileNotFoundError) with a
   one-line message naming the path and the fix.
 """
@@ -31,6 +35,7 @@ import glob
 import json
 import os
 import queue
+import re
 import threading
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -141,6 +146,75 @@ def _scaled_pixtocam(pixtocam: np.ndarray, full_size: Optional[Tuple[int, int]],
                            f'{fw / factor:g}x{fh / factor:g} (+-1 pixel); regenerate the images_{factor} folder '
                            '(python -m mipnerf360.colmap --help) or fix Config.factor.')
     return pixtocam @ np.diag([fw / aw, fh / ah, 1.])
+
+
+def load_render_path_file(path: str) -> np.ndarray:
+    """Camera-to-worlds `[N, 3, 4]` (OpenGL, this dataset's world) from a `.npy` file of `[N, 3, 4]` or
+    `[N, 4, 4]` poses (`Config.render_path_file`)."""
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f'Render path file {path} does not exist; set Config.render_path_file to a '
+                                   '.npy file of [N, 3, 4] camera-to-world poses (or None for the automatic '
+                                   'path).')
+    try:
+        poses = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f'Cannot read render path file {path} ({e}); save it with numpy.save(path, poses) '
+                           'with poses an [N, 3, 4] float array.') from None
+    if poses.ndim != 3 or poses.shape[0] == 0 or poses.shape[1:] not in ((3, 4), (4, 4)):
+        raise DatasetError(f'Render path file {path} holds an array of shape {poses.shape}; it must be [N, 3, 4] '
+                           '(or [N, 4, 4]) camera-to-world poses with N >= 1.')
+    if not np.all(np.isfinite(poses)):
+        raise DatasetError(f'Render path file {path} contains NaN or infinite values; regenerate it.')
+    return poses[:, :3, :4].astype(np.float64)
+
+
+def load_poses_bounds(path: str) -> np.ndarray:
+    """LLFF's `poses_bounds.npy` as a validated `[N, 17]` float64 array (see `LLFF._load_poses_bounds`)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f'Cannot read {path} ({e}); regenerate it with LLFF\'s imgs2poses.py or delete it '
+                           'and use COLMAP (sparse/0).') from None
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != 17:
+        raise DatasetError(f'{path} has shape {arr.shape} but must be [N, 17] (a flattened 3x5 [R | t | hwf] '
+                           'pose and near, far bounds per image); regenerate it with LLFF\'s imgs2poses.py.')
+    if not np.all(np.isfinite(arr)):
+        raise DatasetError(f'{path} contains NaN or infinite values; regenerate it.')
+    return arr.astype(np.float64)
+
+
+def generate_orbit_path(poses: np.ndarray, n_frames: int = 120,
+                        center: Optional[np.ndarray] = None) -> np.ndarray:
+    """A circular orbit around the scene at the cameras' typical distance and elevation (object captures).
+
+    The up direction is the world axis nearest the cameras' mean up (y) vector (z for Blender scenes); the
+    centre is the point nearest all the optical axes (`camera_utils.focus_point_fn`) unless given. The orbit
+    keeps the median camera distance to the centre and the median elevation angle above the horizontal plane,
+    and starts at the azimuth of the first camera. Every frame looks at the centre with the world up as up.
+
+    Args:
+        poses: [N, 3, 4] OpenGL camera-to-worlds.
+        n_frames: number of poses returned (evenly spaced azimuths, the last not repeating the first).
+        center: optional [3] point to orbit and look at.
+    Returns:
+        [n_frames, 3, 4] camera-to-worlds.
+    """
+    poses = np.asarray(poses, np.float64)
+    center = camera_utils.focus_point_fn(poses) if center is None else np.asarray(center, np.float64)
+    mean_up = poses[:, :3, 1].mean(0)
+    axis = int(np.argmax(np.abs(mean_up)))
+    up = np.eye(3)[axis] * np.sign(mean_up[axis])
+    e1 = np.eye(3)[(axis + 1) % 3] * np.sign(mean_up[axis])
+    e2 = np.cross(up, e1)  # (e1, e2, up) is right-handed: azimuth grows counter-clockwise seen from above.
+    offsets = poses[:, :3, 3] - center
+    dist = np.linalg.norm(offsets, axis=-1)
+    radius = np.median(dist)
+    elevation = np.median(np.arcsin(np.clip(offsets @ up / dist, -1., 1.)))
+    start = np.arctan2(offsets[0] @ e2, offsets[0] @ e1)
+    azimuth = start + np.linspace(0., 2. * np.pi, n_frames, endpoint=False)
+    horiz = np.cos(azimuth)[:, None] * e1 + np.sin(azimuth)[:, None] * e2
+    positions = center + radius * (np.cos(elevation) * horiz + np.sin(elevation) * up)
+    return np.stack([camera_utils.viewmatrix(p - center, up, p) for p in positions])
 
 
 def load_blender_posedata(data_dir: str, split: Optional[str] = None):
@@ -283,8 +357,8 @@ class Dataset(threading.Thread, metaclass=abc.ABCMeta):
 
         if self.render_path:
             if config.render_path_file is not None:
-                with open(config.render_path_file, 'rb') as fp:
-                    self.camtoworlds = np.load(fp)
+                self.camtoworlds = load_render_path_file(config.render_path_file)
+                self.render_poses = self.camtoworlds
             if config.render_resolution is not None:
                 self.width, self.height = config.render_resolution
             if config.render_focal is not None:
@@ -565,12 +639,16 @@ def _stack_if_same(images: List[np.ndarray]) -> Union[np.ndarray, List[np.ndarra
 
 
 class Blender(Dataset):
-    """NeRF-synthetic scenes: transforms_{split}.json + RGBA PNGs (composited on white)."""
+    """NeRF-synthetic scenes: transforms_{split}.json + RGBA PNGs (composited on white).
+
+    Unlike the reference (which refuses `render_path` here), `Config.render_path` renders a circular orbit
+    (`generate_orbit_path`) at the test cameras' median distance and elevation around the point they look at,
+    with `Config.render_path_frames` frames. With `Config.use_tiffs` the 32-bit linear `_R/_G/_B/_A.tiff`
+    channels are read and the colour converted to sRGB; alpha stays linear (the reference also passes alpha
+    through the sRGB curve, which changes partial coverage at edges).
+    """
 
     def _load_renderings(self, config):
-        if config.render_path:
-            raise DatasetError('render_path cannot be used with the blender dataset; '
-                               'set Config.render_path=False.')
         pose_file = os.path.join(self.data_dir, f'transforms_{self.split.value}.json')
         if not os.path.isfile(pose_file):
             raise DatasetNotFoundError(f'Camera file {pose_file} does not exist; is Config.data_dir a Blender '
@@ -593,7 +671,12 @@ class Blender(Dataset):
             if self._use_tiffs:
                 from mipnerf360 import image as lib_image  # pylint: disable=import-outside-toplevel
                 channels = [get_img(f'_{ch}.tiff') for ch in ['R', 'G', 'B', 'A']]
-                image = np.asarray(lib_image.linear_to_srgb(np.stack(channels, axis=-1)))
+                bad = [ch for ch, c in zip('RGBA', channels) if c.ndim != 2]
+                if bad:
+                    raise DatasetError(f'{fprefix}_{bad[0]}.tiff must be a single-channel float image.')
+                rgb_lin = np.stack(channels[:3], axis=-1)
+                image = np.concatenate([np.asarray(lib_image.linear_to_srgb(rgb_lin)), channels[3][..., None]],
+                                       axis=-1)
             else:
                 image = get_img('.png') / 255.
             if image.ndim != 3 or image.shape[-1] != 4:
@@ -618,6 +701,15 @@ class Blender(Dataset):
         self.camtoworlds = np.stack(cams, axis=0)
         self.focal = .5 * self.width / np.tan(.5 * float(meta['camera_angle_x']))
         self.pixtocams = camera_utils.get_pixtocam(self.focal, self.width, self.height)
+        if config.render_path:
+            ref_poses = self.camtoworlds
+            test_file = os.path.join(self.data_dir, 'transforms_test.json')
+            if self.split != utils.DataSplit.TEST and os.path.isfile(test_file):
+                with open(test_file, 'r') as fp:
+                    ref_poses = np.stack([np.array(f['transform_matrix'], np.float64)[:3, :4]
+                                          for f in json.load(fp)['frames']])
+            self.render_poses = generate_orbit_path(ref_poses, n_frames=config.render_path_frames)
+            self.camtoworlds = self.render_poses
 
 
 class LLFF(Dataset):
@@ -648,12 +740,18 @@ class LLFF(Dataset):
                                    'scripts/local_colmap_and_resize.sh DATA_DIR first.')
 
     def _load_poses_bounds(self):
-        """LLFF's poses_bounds.npy: rows of a [3, 5] (pose | h, w, f) in (down, right, back) + 2 bounds."""
-        arr = np.load(os.path.join(self.data_dir, 'poses_bounds.npy'))
+        """LLFF's poses_bounds.npy (no COLMAP model): one row per image of `images/` (sorted by name), holding
+        a flattened `[3, 5]` matrix [R | t | hwf] and the near/far bounds. R's columns are the camera's (down,
+        right, back) axes (LLFF's imgs2poses order); t the camera centre; hwf the full-resolution height, width
+        and focal length (principal point at the image centre). OpenGL camera-to-world = (right, -down, back).
+        """
+        path = os.path.join(self.data_dir, 'poses_bounds.npy')
+        arr = load_poses_bounds(path)
         names = _list_images(os.path.join(self.data_dir, 'images'))
         if len(names) != arr.shape[0]:
-            raise DatasetError(f'{self.data_dir}/poses_bounds.npy has {arr.shape[0]} poses but images/ has '
-                               f'{len(names)} images; they must match one to one.')
+            raise DatasetError(f'{path} has {arr.shape[0]} poses but {os.path.join(self.data_dir, "images")} '
+                               f'has {len(names)} images; they must match one to one (one row per image, in '
+                               'sorted name order): regenerate poses_bounds.npy for these images.')
         mats = arr[:, :15].reshape(-1, 3, 5)
         hwf = mats[:, :, 4]
         poses = np.concatenate([mats[:, :, 1:2], -mats[:, :, 0:1], mats[:, :, 2:4]], -1)
@@ -720,7 +818,7 @@ class LLFF(Dataset):
 
         posefile = os.path.join(self.data_dir, 'poses_bounds.npy')
         if os.path.isfile(posefile):
-            bounds = np.load(posefile)[:, -2:]
+            bounds = load_poses_bounds(posefile)[:, -2:]
         else:
             bounds = np.array([0.01, 1.])
         self.colmap_to_world_transform = np.eye(4)
@@ -838,74 +936,131 @@ class NerfStudio(LLFF):
 
 
 class TanksAndTemplesNerfPP(Dataset):
-    """Tanks and Temples as processed by NeRF++: `<split>/{pose,intrinsics,rgb}/`.
+    """Tanks and Temples as processed by NeRF++: `<split>/{pose,intrinsics,rgb}/`, one file per image.
 
-    Unlike the reference (first focal length, centred principal point for all images) every image's own
-    intrinsics are used.
+    `pose/*.txt` are 4x4 OpenCV camera-to-worlds, `intrinsics/*.txt` 4x4 matrices with K in the top-left block
+    (16 numbers each, any line layout). Files of the three folders are paired by sorted order. With
+    `Config.render_path` the poses come from `camera_path/` (size from the first test image). Unlike the
+    reference (first focal length, centred principal point for all images) every image's own intrinsics are
+    used for training and test.
     """
 
     def _load_renderings(self, config):
         split_str = 'camera_path' if config.render_path else self.split.value
         basedir = os.path.join(self.data_dir, split_str)
 
-        def load_files(dirname, load_fn, shape=None):
+        def load_mats(dirname):
             folder = os.path.join(basedir, dirname)
             if not os.path.isdir(folder):
                 raise DatasetNotFoundError(f'Folder {folder} does not exist; is Config.data_dir a NeRF++ '
-                                           'Tanks and Temples scene?')
-            files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
-            mats = np.array([load_fn(f) for f in files])
-            if shape is not None:
-                mats = mats.reshape(mats.shape[:1] + shape)
-            return mats
+                                           "Tanks and Temples scene (else fix Config.dataset_loader)?")
+            files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if not f.startswith('.')]
+            if not files:
+                raise DatasetError(f'Folder {folder} is empty; it needs one 4x4 matrix text file per image.')
+            mats = []
+            for f in files:
+                try:
+                    m = np.loadtxt(f, dtype=np.float64)
+                except ValueError as e:
+                    raise DatasetError(f'Cannot parse {f} ({e}); it must hold 16 numbers (a 4x4 '
+                                       'matrix).') from None
+                if m.size != 16 or not np.all(np.isfinite(m)):
+                    raise DatasetError(f'{f} holds {m.size} numbers; it must hold a finite 4x4 matrix '
+                                       '(16 numbers).')
+                mats.append(m.reshape(4, 4))
+            return np.stack(mats)
 
-        poses = load_files('pose', np.loadtxt, (4, 4))
-        poses = np.matmul(poses, np.diag(np.array([1, -1, -1, 1])))[:, :3, :4]
-        intrinsics = load_files('intrinsics', np.loadtxt, (4, 4))
+        poses = load_mats('pose')
+        poses = np.matmul(poses, np.diag(np.array([1., -1., -1., 1.])))[:, :3, :4]
+        intrinsics = load_mats('intrinsics')
+        if len(intrinsics) != len(poses):
+            raise DatasetError(f'{basedir} has {len(poses)} pose files but {len(intrinsics)} intrinsics files; '
+                               'every image needs one of each.')
         if not config.render_path:
-            images = [_load_rgb(f) for f in
-                      [os.path.join(basedir, 'rgb', f) for f in _list_images(os.path.join(basedir, 'rgb'))]]
+            rgb_dir = os.path.join(basedir, 'rgb')
+            images = [_load_rgb(os.path.join(rgb_dir, f)) for f in _list_images(rgb_dir)]
             if len(images) != len(poses):
-                raise DatasetError(f'{basedir} has {len(images)} images but {len(poses)} poses; they must match.')
+                raise DatasetError(f'{rgb_dir} has {len(images)} images but {basedir}/pose has {len(poses)} '
+                                   'poses; they must match one to one (paired in sorted name order).')
             self.images = _stack_if_same(images)
             self.height, self.width = images[0].shape[:2]
             self.pixtocams = np.stack([np.linalg.inv(k[:3, :3]) for k in intrinsics]).astype(np.float32)
         else:
             d = os.path.join(self.data_dir, 'test', 'rgb')
-            shape = _load_rgb(os.path.join(d, _list_images(d)[0])).shape
+            names = _list_images(d)
+            if not names:
+                raise DatasetError(f'No images in {d}; the render path takes its image size from the first test '
+                                   'image (or set Config.render_resolution).')
+            shape = _load_rgb(os.path.join(d, names[0])).shape
             self.height, self.width = shape[:2]
             self.images = None
             self.pixtocams = camera_utils.get_pixtocam(intrinsics[0, 0, 0], self.width, self.height)
+            self.render_poses = poses
         self.camtoworlds = poses
         self.focal = intrinsics[0, 0, 0]
 
 
+def _load_npy(path: str, what: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f'{path} does not exist; an FVS scene folder needs Ks.npy, Rs.npy and ts.npy '
+                                   f'({what}) next to the im_*.jpg images.')
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float64)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f'Cannot read {path} ({e}); re-save it with numpy.save.') from None
+
+
 class TanksAndTemplesFVS(Dataset):
-    """Tanks and Temples as processed by Free View Synthesis: `dense/ibr3d_*/{im_*.jpg, Ks, Rs, ts}.npy`."""
+    """Tanks and Temples as processed by Free View Synthesis: `dense/ibr3d_*/{im_*.jpg, Ks, Rs, ts}.npy`.
+
+    `Ks` `[N, 3, 3]` intrinsics, `Rs` `[N, 3, 3]` and `ts` `[N, 3]` the OpenCV world-to-camera transforms
+    (x_cam = R x + t), in the sorted order of the `im_*` files. The `ibr3d_*` folders sorted in reverse order
+    are indexed by `Config.factor` (0: the last name, e.g. ibr3d_pw_0.50). Poses are PCA-aligned
+    (`transform_poses_pca`, the transform kept in `colmap_to_world_transform`); every image's own
+    intrinsics are used (the reference takes the first focal length and a centred principal point for all).
+    """
 
     def _load_renderings(self, config):
         render_only = config.render_path and self.split == utils.DataSplit.TEST
         basedir = os.path.join(self.data_dir, 'dense')
         if not os.path.isdir(basedir):
-            raise DatasetNotFoundError(f'Folder {basedir} does not exist; is Config.data_dir an FVS scene?')
+            raise DatasetNotFoundError(f'Folder {basedir} does not exist; is Config.data_dir an FVS scene '
+                                       '(else fix Config.dataset_loader)?')
         sizes = [f for f in sorted(os.listdir(basedir)) if f.startswith('ibr3d')][::-1]
-        if config.factor >= len(sizes):
-            raise DatasetError(f'Config.factor {config.factor} must be smaller than the {len(sizes)} ibr3d_* '
-                               f'folders in {basedir}.')
+        if not sizes:
+            raise DatasetNotFoundError(f'No ibr3d_* folder in {basedir}; is Config.data_dir an FVS scene?')
+        if not 0 <= config.factor < len(sizes):
+            raise DatasetError(f'Config.factor {config.factor} must be between 0 and {len(sizes) - 1} (it picks '
+                               f'one of the folders {", ".join(sizes)} of {basedir}).')
         basedir = os.path.join(basedir, sizes[config.factor])
-        files = [f for f in sorted(os.listdir(basedir)) if f.startswith('im_')]
+        files = [f for f in sorted(os.listdir(basedir))
+                 if f.startswith('im_') and f.lower().endswith(IMAGE_EXTENSIONS)]
+        intrinsics = _load_npy(os.path.join(basedir, 'Ks.npy'), 'intrinsics')
+        rot = _load_npy(os.path.join(basedir, 'Rs.npy'), 'world-to-camera rotations')
+        trans = _load_npy(os.path.join(basedir, 'ts.npy'), 'world-to-camera translations')
+        n = len(files)
+        if n == 0:
+            raise DatasetError(f'No im_* images in {basedir}; the FVS layout needs im_00000000.jpg, ...')
+        expect = {'Ks.npy': (intrinsics, (n, 3, 3)), 'Rs.npy': (rot, (n, 3, 3)), 'ts.npy': (trans, (n, 3))}
+        for name, (arr, shape) in expect.items():
+            if arr.size != int(np.prod(shape)) or arr.shape[0] != n:
+                raise DatasetError(f'{os.path.join(basedir, name)} has shape {arr.shape} but {basedir} has {n} '
+                                   f'im_* images, so it must be {list(shape)}; the images and cameras must match.')
+        intrinsics, rot, trans = intrinsics.reshape(n, 3, 3), rot.reshape(n, 3, 3), trans.reshape(n, 3)
         if render_only:
             files = files[:1]
         images = [_load_rgb(os.path.join(basedir, f)) for f in files]
-        intrinsics, rot, trans = (np.load(os.path.join(basedir, f'{n}.npy')) for n in ['Ks', 'Rs', 'ts'])
+
         w2c = np.concatenate([rot, trans[..., None]], axis=-1)
         c2w_colmap = np.linalg.inv(camera_utils.pad_poses(w2c))[:, :3, :4]
-        c2w = c2w_colmap @ np.diag(np.array([1, -1, -1, 1]))
-        poses, _ = camera_utils.transform_poses_pca(c2w)
+        c2w = c2w_colmap @ np.diag(np.array([1., -1., -1., 1.]))
+        poses, transform = camera_utils.transform_poses_pca(c2w)
+        self.colmap_to_world_transform = transform
         self.poses = poses
+        self.image_names = files
         self.height, self.width = images[0].shape[:2]
         self.focal = intrinsics[0, 0, 0]
-        pixtocams = np.stack([np.linalg.inv(k) for k in intrinsics]).astype(np.float32)
+        pixtocams = np.linalg.inv(intrinsics).astype(np.float32)
         if render_only:
             self.render_poses = camera_utils.generate_ellipse_path(
                     poses, config.render_path_frames, z_variation=config.z_variation, z_phase=config.z_phase)
@@ -913,30 +1068,45 @@ class TanksAndTemplesFVS(Dataset):
             self.camtoworlds = self.render_poses
             self.pixtocams = pixtocams[0]
         else:
-            all_indices = np.arange(len(images))
+            all_indices = np.arange(n)
             indices = {utils.DataSplit.TEST: all_indices[all_indices % config.llffhold == 0],
                        utils.DataSplit.TRAIN: all_indices[all_indices % config.llffhold != 0]}[self.split]
+            if len(indices) == 0:
+                raise DatasetError(f'The {self.split.value} split of {basedir} is empty ({n} images, '
+                                   f'llffhold={config.llffhold}); add images or change Config.llffhold.')
+            self.split_indices = indices
+            self.split_names = [files[i] for i in indices]
             self.images = _stack_if_same([images[i] for i in indices])
             self.camtoworlds = poses[indices]
             self.pixtocams = pixtocams[indices]
 
 
-class DTU(Dataset):
-    """DTU (rectified images + `../../cal18/pos_XXX.txt` projection matrices).
+_DTU_NAME = re.compile(r'^rect_(\d{3})_.*\.png$')
 
-    The reference reads `config.dtu_light_cond` and `config.dtuhold`, which Config does not define; here they
-    are read with the defaults 3 (lighting condition) and 8 (every 8th image held out).
+
+class DTU(Dataset):
+    """DTU: `<scan>/rect_{i:03d}_{light}_r5000.png` (r7000 from image 50 on; `rect_{i:03d}_max.png` for light
+    7) and `<scan>/../../cal18/pos_{i:03d}.txt` 3x4 projection matrices P = K [R | t] (up to scale).
+
+    `Config.dtu_light_cond` picks the lighting (0-6, 7 = max) and every `Config.dtuhold`-th image is a test
+    image. Poses are decomposed with OpenCV, recentred on their average pose, scaled so that the largest
+    centre coordinate is 1, then flipped to OpenGL (the world transform is kept in
+    `colmap_to_world_transform`). The images are those numbered 1..n where n is the number of distinct image
+    numbers in the folder (the reference counts the files and divides by 8).
     """
 
     def _load_renderings(self, config):
         import cv2  # pylint: disable=import-outside-toplevel
         if config.render_path:
-            raise DatasetError('render_path cannot be used with the DTU dataset; set Config.render_path=False.')
+            raise DatasetError('render_path cannot be used with the DTU dataset (as in the reference); set '
+                               'Config.render_path=False.')
         light_cond = int(getattr(config, 'dtu_light_cond', 3))
         dtuhold = int(getattr(config, 'dtuhold', 8))
-        n_images = len(os.listdir(self.data_dir)) // 8
+        numbers = {int(m.group(1)) for m in map(_DTU_NAME.match, os.listdir(self.data_dir)) if m}
+        n_images = len(numbers)
         if n_images == 0:
-            raise DatasetError(f'No DTU images (rect_XXX_*.png) in {self.data_dir}.')
+            raise DatasetError(f'No DTU images (rect_XXX_*.png) in {self.data_dir}; set Config.data_dir to a scan '
+                               'folder of the Rectified DTU images.')
         images, pixtocams, camtoworlds = [], [], []
         for i in range(1, n_images + 1):
             if light_cond < 7:
@@ -947,10 +1117,23 @@ class DTU(Dataset):
             if config.factor > 1:
                 image = downsample(image, config.factor)
             images.append(image)
-            fname = os.path.join(self.data_dir, f'../../cal18/pos_{i:03d}.txt')
+            fname = os.path.normpath(os.path.join(self.data_dir, f'../../cal18/pos_{i:03d}.txt'))
             if not os.path.isfile(fname):
-                raise DatasetNotFoundError(f'DTU calibration file {fname} does not exist.')
-            projection = np.loadtxt(fname, dtype=np.float64)
+                raise DatasetNotFoundError(f'DTU calibration file {fname} does not exist; the cal18 folder must '
+                                           'sit two levels above the scan folder (DTU/cal18, '
+                                           'DTU/Rectified/scanN).')
+            try:
+                projection = np.loadtxt(fname, dtype=np.float64)
+            except ValueError as e:
+                raise DatasetError(f'Cannot parse DTU calibration file {fname} ({e}); it must hold a 3x4 '
+                                   'projection matrix P = K [R | t] (3 lines of 4 numbers).') from None
+            if projection.shape != (3, 4) or not np.all(np.isfinite(projection)):
+                raise DatasetError(f'DTU calibration file {fname} holds an array of shape {projection.shape}; it '
+                                   'must hold a finite 3x4 projection matrix P = K [R | t] (3 lines of 4 '
+                                   'numbers).')
+            if abs(np.linalg.det(projection[:, :3])) < 1e-12 * np.abs(projection).max() ** 3:
+                raise DatasetError(f'DTU calibration file {fname} holds a degenerate projection matrix (its left '
+                                   '3x3 block is singular); restore the original file.')
             camera_mat, rot_mat, t = cv2.decomposeProjectionMatrix(projection)[:3]
             camera_mat = camera_mat / camera_mat[2, 2]
             pose = np.eye(4)
@@ -962,14 +1145,21 @@ class DTU(Dataset):
             pixtocams.append(np.linalg.inv(camera_mat))
         pixtocams = np.stack(pixtocams)
         camtoworlds = np.stack(camtoworlds)
-        camtoworlds, _ = camera_utils.recenter_poses(camtoworlds)
+        camtoworlds, transform = camera_utils.recenter_poses(camtoworlds)
         camtoworlds = camtoworlds.copy()
-        camtoworlds[:, :3, -1] /= np.max(np.abs(camtoworlds[:, :3, -1]))
+        scale = 1. / np.max(np.abs(camtoworlds[:, :3, -1]))
+        camtoworlds[:, :3, -1] *= scale
+        self.colmap_to_world_transform = np.diag([scale] * 3 + [1.]) @ transform
         camtoworlds = camtoworlds @ np.diag([1., -1., -1., 1.])
         all_indices = np.arange(len(images))
         indices = {utils.DataSplit.TEST: all_indices[all_indices % dtuhold == 0],
                    utils.DataSplit.TRAIN: all_indices[all_indices % dtuhold != 0]}[self.split]
-        self.images = np.stack([images[i] for i in indices])
+        if len(indices) == 0:
+            raise DatasetError(f'The {self.split.value} split of {self.data_dir} is empty ({len(images)} images, '
+                               f'dtuhold={dtuhold}); add images or change Config.dtuhold.')
+        self.split_indices = indices
+        self.split_names = [f'rect_{i + 1:03d}' for i in indices]
+        self.images = _stack_if_same([images[i] for i in indices])
         self.height, self.width = images[0].shape[:2]
         self.camtoworlds = camtoworlds[indices]
         self.pixtocams = pixtocams[indices].astype(np.float32)

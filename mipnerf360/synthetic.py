@@ -11,7 +11,12 @@ intrinsic matrices `pixtocam` `[3, 3]` (OpenCV pixel convention, pixel centres a
 Writers:
   `write_colmap_scene`: the mip-NeRF 360 dataset layout (`images/`, `images_N/`, `sparse/0/` COLMAP text model).
   `write_blender_scene`: the NeRF-synthetic layout (`transforms_{train,val,test}.json` and RGBA PNGs).
-CLI: `python -m mipnerf360.synthetic OUT --format colmap|blender [--n_views 24 --width 64 --height 48]`.
+  `write_llff_scene`: LLFF forward-facing layout with `poses_bounds.npy` only (no COLMAP model).
+  `write_nerfpp_scene`: Tanks and Temples as processed by NeRF++ (`{split}/{pose,intrinsics,rgb}/`).
+  `write_fvs_scene`: Tanks and Temples as processed by Free View Synthesis (`dense/ibr3d_pw_*/`, Ks/Rs/ts.npy).
+  `write_dtu_scene`: DTU (`Rectified/<scan>/rect_XXX_{light}_r5000.png` + `cal18/pos_XXX.txt`).
+CLI: `python -m mipnerf360.synthetic OUT --format colmap|blender|llff|nerfpp|fvs|dtu
+[--n_views 24 --width 64 --height 48]`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -509,10 +514,232 @@ def write_blender_scene(out_dir: str, n_train: int = 16, n_val: int = 4, n_test:
     return out
 
 
+def camtoworld_to_opencv_w2c(camtoworld: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """OpenCV world-to-camera rotation `[3, 3]` and translation `[3]` (x_cam = R x_world + t) of an OpenGL
+    camera-to-world `[3, 4]`."""
+    c2w_cv = np.asarray(camtoworld, np.float64)[:3, :4] @ np.diag([1., -1., -1., 1.])
+    R = c2w_cv[:, :3].T
+    return R, -R @ c2w_cv[:, 3]
+
+
+def arc_poses(n_views: int, radius: float = 3.0, height: float = 1.2, arc: float = 2.2, seed: int = 0,
+              target: np.ndarray = LOOKAT) -> np.ndarray:
+    """`[n_views, 3, 4]` OpenGL cameras on a wavy arc of `arc` radians in front of the scene (one-sided
+    captures such as DTU), all looking at `target`."""
+    rng = np.random.default_rng(seed)
+    theta = -0.5 * np.pi + np.linspace(-0.5 * arc, 0.5 * arc, n_views) + rng.uniform(-0.05, 0.05, n_views)
+    z = height + 0.3 * np.sin(3 * theta + seed)
+    pos = np.stack([radius * np.cos(theta), radius * np.sin(theta), z], -1)
+    return np.stack([look_at(p, target) for p in pos])
+
+
+def forward_facing_poses(n_views: int, distance: float = 3.2, spread: float = 0.5, seed: int = 0,
+                         target: np.ndarray = LOOKAT) -> np.ndarray:
+    """`[n_views, 3, 4]` OpenGL cameras on a jittered grid in a plane facing the scene (LLFF-style captures),
+    all looking at `target` from the -y side."""
+    rng = np.random.default_rng(seed)
+    cols = int(np.ceil(np.sqrt(n_views)))
+    k = np.arange(n_views)
+    u = (k % cols) / max(cols - 1, 1) - 0.5
+    v = (k // cols) / max((n_views - 1) // cols, 1) - 0.5
+    pos = np.stack([spread * u + rng.uniform(-.03, .03, n_views), np.full(n_views, -distance),
+                    0.9 + 0.6 * spread * v + rng.uniform(-.03, .03, n_views)], -1)
+    return np.stack([look_at(p, target) for p in pos])
+
+
+def depth_bounds(camtoworld: np.ndarray, pixtocam: np.ndarray, width: int, height: int,
+                 percentiles: Tuple[float, float] = (0.1, 99.9)) -> np.ndarray:
+    """[near, far] `[2]`: percentiles of the camera-space depth of the surfaces seen at the pixel centres."""
+    yy, xx = np.meshgrid(np.arange(height) + .5, np.arange(width) + .5, indexing='ij')
+    o, d = pixel_rays(camtoworld, pixtocam, xx.reshape(-1), yy.reshape(-1))
+    _, _, t = trace(o, d)  # Unit-depth directions: t is the depth.
+    return np.percentile(t[np.isfinite(t)], percentiles)
+
+
+def _save_rgb(img: np.ndarray, path: str):
+    im = Image.fromarray(_to_u8(img))
+    if path.lower().endswith(('.jpg', '.jpeg')):
+        im.save(path, quality=95)
+    else:
+        im.save(path)
+
+
+def write_nerfpp_scene(out_dir: str, n_train: int = 6, n_test: int = 2, n_path: int = 5, width: int = 32,
+                       height: int = 24, seed: int = 0, supersample: int = 1) -> Dict[str, SceneInfo]:
+    """Writes Tanks and Temples as processed by NeRF++: `{train,test,camera_path}/{pose,intrinsics,rgb}/`.
+
+    Poses are 4x4 OpenCV camera-to-worlds and intrinsics 4x4 matrices (K in the top-left block), one text file
+    per image; `camera_path` holds poses and intrinsics only. Every camera has its own focal length and
+    principal point. Returns the truth by split (names without extension, in sorted order).
+    """
+    rng = np.random.default_rng(seed)
+    n_all = n_train + n_test + n_path
+    poses = ring_poses(n_all, seed=seed, jitter=0.3 * np.pi / n_all)[rng.permutation(n_all)]
+    out = {}
+    start = 0
+    for split, n in (('train', n_train), ('test', n_test), ('camera_path', n_path)):
+        subs = ('pose', 'intrinsics') + (('rgb',) if split != 'camera_path' else ())
+        for sub in subs:
+            os.makedirs(os.path.join(out_dir, split, sub), exist_ok=True)
+        names, pixtocams = [], []
+        for i in range(n):
+            c2w = poses[start + i]
+            K = intrinsics(width * rng.uniform(0.8, 1.0), width, height, cx=width / 2 + rng.uniform(-1, 1),
+                           cy=height / 2 + rng.uniform(-1, 1))
+            name = f'{split}_{i:04d}'
+            c2w_cv = np.concatenate([c2w @ np.diag([1., -1., -1., 1.]), [[0., 0., 0., 1.]]])
+            np.savetxt(os.path.join(out_dir, split, 'pose', name + '.txt'), c2w_cv.reshape(1, 16))
+            K4 = np.eye(4)
+            K4[:3, :3] = K
+            np.savetxt(os.path.join(out_dir, split, 'intrinsics', name + '.txt'), K4.reshape(1, 16))
+            if 'rgb' in subs:
+                _save_rgb(render_view(c2w, np.linalg.inv(K), width, height, supersample=supersample),
+                          os.path.join(out_dir, split, 'rgb', name + '.png'))
+            names.append(name)
+            pixtocams.append(np.linalg.inv(K))
+        out[split] = SceneInfo(names=names, camtoworlds=poses[start:start + n], pixtocams=np.stack(pixtocams),
+                               sizes=[(width, height)] * n, camera_ids=list(range(1, n + 1)),
+                               image_ids=list(range(1, n + 1)))
+        start += n
+    return out
+
+
+def write_fvs_scene(out_dir: str, n_views: int = 10, width: int = 32, height: int = 24,
+                    scales: Sequence[float] = (0.25, 0.5), seed: int = 0, image_ext: str = 'png',
+                    supersample: int = 1) -> Dict[str, SceneInfo]:
+    """Writes Tanks and Temples as processed by Free View Synthesis: `dense/ibr3d_pw_{scale:.2f}/` holding
+    `im_{i:08d}.{png,jpg}`, `Ks.npy` `[N, 3, 3]`, `Rs.npy` `[N, 3, 3]` and `ts.npy` `[N, 3]` (OpenCV
+    world-to-camera, x_cam = R x + t).
+
+    `width, height` is the image size at the largest scale; a scale s folder has images of (about)
+    `width * s / max(scales)` pixels, with intrinsics to match. Returns the truth by folder name.
+    """
+    rng = np.random.default_rng(seed)
+    poses = ring_poses(n_views, seed=seed, jitter=0.4 * np.pi / n_views)
+    base_focal = 0.85 * width * rng.uniform(0.95, 1.05, n_views)
+    out = {}
+    for s in scales:
+        r = s / max(scales)
+        w, h = int(round(width * r)), int(round(height * r))
+        folder = f'ibr3d_pw_{s:.2f}'
+        d = os.path.join(out_dir, 'dense', folder)
+        os.makedirs(d, exist_ok=True)
+        Ks, Rs, ts, names = [], [], [], []
+        for i in range(n_views):
+            K = intrinsics(base_focal[i] * w / width, w, h, cx=w / 2 + 0.25 * (i % 3), cy=h / 2 - 0.2)
+            name = f'im_{i:08d}.{image_ext}'
+            _save_rgb(render_view(poses[i], np.linalg.inv(K), w, h, supersample=supersample),
+                      os.path.join(d, name))
+            R, t = camtoworld_to_opencv_w2c(poses[i])
+            Ks.append(K)
+            Rs.append(R)
+            ts.append(t)
+            names.append(name)
+        np.save(os.path.join(d, 'Ks.npy'), np.stack(Ks))
+        np.save(os.path.join(d, 'Rs.npy'), np.stack(Rs))
+        np.save(os.path.join(d, 'ts.npy'), np.stack(ts))
+        out[folder] = SceneInfo(names=names, camtoworlds=poses, pixtocams=np.linalg.inv(np.stack(Ks)),
+                                sizes=[(w, h)] * n_views, camera_ids=list(range(1, n_views + 1)),
+                                image_ids=list(range(1, n_views + 1)))
+    return out
+
+
+DTU_LIGHTS = tuple(range(7))  # Lighting conditions 0..6 (plus 'max').
+
+
+def dtu_light_gain(light: Union[int, str]) -> float:
+    """Brightness multiplier of the synthetic DTU images of a lighting condition (0..6 or 'max')."""
+    return 1. if light == 'max' else 0.55 + 0.06 * int(light)
+
+
+def write_dtu_scene(out_dir: str, scan: str = 'scan1', n_views: int = 10, width: int = 32, height: int = 24,
+                    seed: int = 0, supersample: int = 1, projection_scale: float = 3.7) -> Tuple[str, SceneInfo]:
+    """Writes a DTU-style scan as the reference's loader expects it.
+
+    Layout: `out_dir/Rectified/<scan>/rect_{i:03d}_{light}_r5000.png` (`_r7000` for i >= 50) for light
+    0..6 and `rect_{i:03d}_max.png` (i = 1..n_views), and `out_dir/cal18/pos_{i:03d}.txt` with the 3x4
+    projection matrix P = c K [R | t] (OpenCV world-to-camera, times an arbitrary scale c, as in the real
+    files). Each lighting condition is the same rendering times `dtu_light_gain(light)`.
+    Returns the scan folder (the loader's data_dir) and the truth (names are the light-3 files).
+    """
+    rng = np.random.default_rng(seed)
+    scan_dir = os.path.join(out_dir, 'Rectified', scan)
+    cal_dir = os.path.join(out_dir, 'cal18')
+    os.makedirs(scan_dir, exist_ok=True)
+    os.makedirs(cal_dir, exist_ok=True)
+    poses = arc_poses(n_views, seed=seed)
+    pixtocams, names = [], []
+    for k in range(n_views):
+        i = k + 1
+        K = intrinsics(width * rng.uniform(0.95, 1.1), width, height, cx=width / 2 + rng.uniform(-1, 1),
+                       cy=height / 2 + rng.uniform(-1, 1), fy=None)
+        rgb = render_view(poses[k], np.linalg.inv(K), width, height, supersample=supersample)
+        rr = '5000' if i < 50 else '7000'
+        for light in DTU_LIGHTS + ('max',):
+            suffix = 'max' if light == 'max' else f'{light}_r{rr}'
+            _save_rgb(rgb * dtu_light_gain(light), os.path.join(scan_dir, f'rect_{i:03d}_{suffix}.png'))
+        R, t = camtoworld_to_opencv_w2c(poses[k])
+        P = projection_scale * K @ np.concatenate([R, t[:, None]], 1)
+        np.savetxt(os.path.join(cal_dir, f'pos_{i:03d}.txt'), P)
+        pixtocams.append(np.linalg.inv(K))
+        names.append(f'rect_{i:03d}_3_r{rr}.png')
+    return scan_dir, SceneInfo(names=names, camtoworlds=poses, pixtocams=np.stack(pixtocams),
+                               sizes=[(width, height)] * n_views, camera_ids=list(range(1, n_views + 1)),
+                               image_ids=list(range(1, n_views + 1)))
+
+
+def camtoworld_to_llff(camtoworld: np.ndarray, height: int, width: int, focal: float) -> np.ndarray:
+    """LLFF's `[3, 5]` pose of an OpenGL camera-to-world `[3, 4]`: columns (down, right, back, centre, hwf).
+
+    LLFF's imgs2poses builds it from the OpenCV camera-to-world (right, down, forward) by swapping the first
+    two axes and negating the third.
+    """
+    c2w_cv = np.asarray(camtoworld, np.float64)[:3, :4] @ np.diag([1., -1., -1., 1.])
+    right, down, fwd, centre = c2w_cv.T
+    return np.stack([down, right, -fwd, centre, np.array([height, width, focal], np.float64)], axis=1)
+
+
+def write_llff_scene(out_dir: str, n_views: int = 12, width: int = 48, height: int = 32,
+                     factors: Sequence[int] = (2, 4), seed: int = 0, supersample: int = 1,
+                     image_ext: str = 'png') -> Tuple[SceneInfo, np.ndarray]:
+    """Writes an LLFF forward-facing scene with poses in `poses_bounds.npy` only (no COLMAP model).
+
+    `poses_bounds.npy` is `[N, 17]`: each row the flattened `camtoworld_to_llff` `[3, 5]` matrix followed by
+    the near and far depth bounds of the view (`depth_bounds`). Images go to `images/` and `images_{f}/`
+    (names sorted as the rows). One shared focal length, principal point at the image centre (the format
+    stores nothing else). Returns the truth and the bounds `[N, 2]`.
+    """
+    os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
+    for f in factors:
+        os.makedirs(os.path.join(out_dir, f'images_{f}'), exist_ok=True)
+    poses = forward_facing_poses(n_views, seed=seed)
+    focal = 1.1 * width
+    K = intrinsics(focal, width, height)
+    rows, bounds, names = [], [], []
+    for i in range(n_views):
+        name = f'view_{i:03d}.{image_ext}'
+        rgb = render_view(poses[i], np.linalg.inv(K), width, height, supersample=supersample)
+        u8 = _to_u8(rgb)
+        Image.fromarray(u8).save(os.path.join(out_dir, 'images', name))
+        for f in factors:
+            Image.fromarray(u8).resize(downsampled_size(width, height, f), Image.BOX).save(
+                    os.path.join(out_dir, f'images_{f}', name))
+        b = depth_bounds(poses[i], np.linalg.inv(K), width, height)
+        rows.append(np.concatenate([camtoworld_to_llff(poses[i], height, width, focal).reshape(-1), b]))
+        bounds.append(b)
+        names.append(name)
+    np.save(os.path.join(out_dir, 'poses_bounds.npy'), np.stack(rows))
+    info = SceneInfo(names=names, camtoworlds=poses, pixtocams=np.repeat(np.linalg.inv(K)[None], n_views, 0),
+                     sizes=[(width, height)] * n_views, camera_ids=[1] * n_views,
+                     image_ids=list(range(1, n_views + 1)))
+    return info, np.stack(bounds)
+
+
 def main(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description='Write a small ray-traced synthetic scene.')
     parser.add_argument('out_dir')
-    parser.add_argument('--format', choices=['colmap', 'blender'], default='colmap')
+    parser.add_argument('--format', choices=['colmap', 'blender', 'llff', 'nerfpp', 'fvs', 'dtu'],
+                        default='colmap')
     parser.add_argument('--n_views', type=int, default=24, help='views (colmap) / training views (blender)')
     parser.add_argument('--width', type=int, default=64)
     parser.add_argument('--height', type=int, default=48)
@@ -525,9 +752,22 @@ def main(argv: Optional[Sequence[str]] = None):
         write_colmap_scene(args.out_dir, n_views=args.n_views, width=args.width, height=args.height,
                            factors=args.factors, seed=args.seed, camera_model=args.camera_model,
                            supersample=args.supersample)
-    else:
+    elif args.format == 'blender':
         write_blender_scene(args.out_dir, n_train=args.n_views, width=args.width, height=args.height,
                             seed=args.seed, supersample=args.supersample)
+    elif args.format == 'llff':
+        write_llff_scene(args.out_dir, n_views=args.n_views, width=args.width, height=args.height,
+                         factors=args.factors, seed=args.seed, supersample=args.supersample)
+    elif args.format == 'nerfpp':
+        n_test = max(args.n_views // 8, 1)
+        write_nerfpp_scene(args.out_dir, n_train=args.n_views - n_test, n_test=n_test, width=args.width,
+                           height=args.height, seed=args.seed, supersample=args.supersample)
+    elif args.format == 'fvs':
+        write_fvs_scene(args.out_dir, n_views=args.n_views, width=args.width, height=args.height,
+                        seed=args.seed, supersample=args.supersample)
+    else:
+        write_dtu_scene(args.out_dir, n_views=args.n_views, width=args.width, height=args.height,
+                        seed=args.seed, supersample=args.supersample)
     print(f'Wrote a {args.format} scene to {args.out_dir}')
 
 

@@ -1,0 +1,169 @@
+"""`python -m render --gin_configs=... --gin_bindings="Config.render_path = True"`: renders a camera path
+and writes mp4 videos.
+
+Frames go to `render_dir` (default `checkpoint_dir/render`) / `path_renders_step_<step>` as
+color_XXX.png, normals_XXX.png, distance_{mean,median}_XXX.tiff and acc_XXX.tiff. Frames already on disk are
+skipped, so a crashed render resumes; `render_job_id` / `render_num_jobs` split the frames across processes.
+When every frame exists, videos `<scene>_<exp>_<name>_{color,normals,acc,distance_mean,distance_median}.mp4`
+are written with the ffmpeg bundled in imageio-ffmpeg.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import glob
+import os
+import time
+
+import numpy as np
+import torch
+
+from mipnerf360 import models, utils, vis
+from mipnerf360.cli import common
+
+
+def _even_pad(frame: np.ndarray) -> np.ndarray:
+    """H.264 with yuv420p needs even sizes: pad the last row/column by repetition when odd."""
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode='edge')
+
+
+def write_video(path: str, frames, fps: int, crf: int = 18):
+    """Writes uint8 RGB frames [H, W, 3] to an H.264 mp4 (atomically) with imageio-ffmpeg's bundled ffmpeg."""
+    import imageio_ffmpeg
+    frames = iter(frames)
+    first = _even_pad(next(frames))
+    h, w = first.shape[:2]
+    tmp = path + '.tmp.mp4'
+    writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=fps, codec='libx264', macro_block_size=1,
+                                                                              pix_fmt_in='rgb24', pix_fmt_out='yuv420p',
+                                                                              output_params=['-crf', str(crf)], ffmpeg_log_level='error')
+    writer.send(None)
+    writer.send(np.ascontiguousarray(first))
+    for frame in frames:
+        writer.send(np.ascontiguousarray(_even_pad(frame)))
+    writer.close()
+    os.replace(tmp, path)
+
+
+def video_prefix(checkpoint_dir: str, out_name: str) -> str:
+    names = [n for n in os.path.normpath(os.path.abspath(checkpoint_dir)).split(os.sep) if n]
+    # As the reference: the last two parts of the checkpoint path are the experiment and scene names.
+    exp_name, scene_name = (names[-2:] if len(names) >= 2 else ['exp'] + names)[-2:]
+    return f'{scene_name}_{exp_name}_{out_name}'
+
+
+def create_videos(config, base_dir: str, out_dir: str, out_name: str, num_frames: int, log=print):
+    """Assembles the saved frames into mp4 videos; returns the paths written."""
+    prefix = video_prefix(config.checkpoint_dir, out_name)
+    zpad = max(3, len(str(num_frames - 1)))
+    name_of = lambda k, i, ext: os.path.join(out_dir, f'{k}_{str(i).zfill(zpad)}.{ext}')
+    depth0 = utils.load_img(name_of('distance_mean', 0, 'tiff'))
+    p = config.render_dist_percentile
+    limits = np.percentile(depth0.flatten(), [p, 100 - p])
+    curve = lambda x: config.render_dist_curve_fn(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
+    lo, hi = [float(curve(x)) for x in limits]
+    written = []
+    for k in ['color', 'normals', 'acc', 'distance_mean', 'distance_median']:
+        ext = 'png' if k in ('color', 'normals') else 'tiff'
+        if not os.path.exists(name_of(k, 0, ext)):
+            continue
+        missing = [name_of(k, i, ext) for i in range(num_frames) if not os.path.exists(name_of(k, i, ext))]
+        if missing:
+            raise FileNotFoundError(f'Frame {missing[0]} is missing; re-run render to finish the frames.')
+
+        def frames(k=k, ext=ext):
+            for i in range(num_frames):
+                img = utils.load_img(name_of(k, i, ext))
+                if k in ('color', 'normals'):
+                    img = img / 255.
+                elif k.startswith('distance'):
+                    img = np.clip((curve(img) - min(lo, hi)) / max(abs(hi - lo), 1e-12), 0, 1)
+                    img = vis.colormap_turbo(img)
+                if img.ndim == 2:
+                    img = np.repeat(img[..., None], 3, axis=-1)
+                yield (np.clip(np.nan_to_num(img[..., :3]), 0., 1.) * 255.).astype(np.uint8)
+
+        video_file = os.path.join(base_dir, f'{prefix}_{k}.mp4')
+        log(f'Making video {video_file}')
+        write_video(video_file, frames(), config.render_video_fps, config.render_video_crf)
+        written.append(video_file)
+    return written
+
+
+def main(unused_argv):
+    config = common.load_config(save_config=False)
+    device = common.get_device(config)
+    dataset = common.load_dataset('test', config, device)
+    torch.manual_seed(config.seed)
+    model = models.Model(config=config).to(device)
+    step = common.restore_model(model, config, device)
+    print(f'Rendering checkpoint at step {step}.', flush=True)
+    postprocess_fn = dataset.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
+
+    out_name = f"{'path_renders' if config.render_path else 'test_preds'}_step_{step}"
+    base_dir = config.render_dir or os.path.join(config.checkpoint_dir, 'render')
+    out_dir = os.path.join(base_dir, out_name)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f'Render output {out_dir!r} is a file; set Config.render_dir to another folder.')
+    os.makedirs(out_dir, exist_ok=True)
+    path_fn = lambda x: os.path.join(out_dir, x)
+    zpad = max(3, len(str(dataset.size - 1)))
+    idx_to_str = lambda i: str(i).zfill(zpad)
+
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=4) if config.render_save_async else None
+    futures = []
+
+    def save_fn(fn, *args):
+        if executor is None:
+            fn(*args)
+        else:
+            futures.append(executor.submit(fn, *args))
+
+    for idx in range(dataset.size):
+        if idx % config.render_num_jobs != config.render_job_id:
+            continue
+        idx_str = idx_to_str(idx)
+        # acc is written last for a frame (below), so its presence means the frame is complete.
+        if os.path.exists(path_fn(f'acc_{idx_str}.tiff')) and os.path.exists(path_fn(f'color_{idx_str}.png')):
+            print(f'Frame {idx + 1}/{dataset.size} already rendered, skipping.', flush=True)
+            continue
+        t0 = time.time()
+        rays = dataset.generate_ray_batch(idx).rays
+        with common.no_grad_eval(model):
+            rendering = models.render_image(functools.partial(model, train_frac=1., compute_extras=True), rays, None,
+                                                                            config)
+        rendering = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in rendering.items()}
+        print(f'Frame {idx + 1}/{dataset.size} rendered in {time.time() - t0:0.2f}s', flush=True)
+        save_fn(utils.save_img_u8, postprocess_fn(rendering['rgb']), path_fn(f'color_{idx_str}.png'))
+        if 'normals' in rendering:
+            save_fn(utils.save_img_u8, rendering['normals'] / 2. + 0.5, path_fn(f'normals_{idx_str}.png'))
+        save_fn(utils.save_img_f32, rendering['distance_mean'], path_fn(f'distance_mean_{idx_str}.tiff'))
+        save_fn(utils.save_img_f32, rendering['distance_median'], path_fn(f'distance_median_{idx_str}.tiff'))
+        if executor is not None:  # acc marks a finished frame: write it after the others have landed.
+            for fut in futures:
+                fut.result()
+            futures.clear()
+        utils.save_img_f32(rendering['acc'], path_fn(f'acc_{idx_str}.tiff'))
+
+    if executor is not None:
+        executor.shutdown(wait=True)
+        for fut in futures:
+            fut.result()
+
+    num_files = len(glob.glob(path_fn('acc_*.tiff')))
+    if num_files == dataset.size:
+        print(f'All {num_files} frames found, creating videos.', flush=True)
+        for v in create_videos(config, base_dir, out_dir, out_name, dataset.size):
+            print(f'Wrote {v}', flush=True)
+    else:
+        print(f'{num_files}/{dataset.size} frames rendered; videos are made once every job has finished.', flush=True)
+
+
+def run(argv=None):
+    common.run(main, 'eval', argv)
+
+
+if __name__ == '__main__':
+    run()

@@ -1,0 +1,788 @@
+"""The mip-NeRF 360 model: its MLPs, the proposal sampling loop, and whole-image rendering.
+
+Mirrors multinerf's `internal/models.py`:
+  `MLP`            positional-encoding MLP (density trunk, optional view-dependent colour branch, Ref-NeRF
+                   options); `PropMLP` / `NerfMLP` are its gin-configurable subclasses.
+  `Model`          the sampling loop of mip-NeRF 360 (Sec. 3 of arXiv:2111.12077): proposal levels driven by one
+                   shared `PropMLP`, a final level rendered with the `NerfMLP`.
+  `construct_model`, `render_image`.
+
+Shapes: rays carry leading batch dimensions `...`; each level draws `n` intervals per ray, so per-sample values
+are `[..., n]` and interval endpoints `sdist`/`tdist` are `[..., n + 1]`.
+
+Parameter naming (used by weight decay, gradient clipping and logging in `train_utils`). The top-level
+children of `Model` are `nerf_mlp` (a `NerfMLP`), `prop_mlp` (a `PropMLP`, absent with `single_mlp`),
+`glo_vecs` (an `nn.Embedding`, present when `num_glo_features > 0`) and `exposure_scaling_offsets` (present
+with `learned_exposure_scaling`). Every dense layer of an MLP also has the name the reference's flax module
+gives it (`Dense_0`, `Dense_1`, ... in creation order); `reference_param_names(model)` maps each torch parameter
+name to the reference's path, e.g. `nerf_mlp.trunk.0.weight` -> `NerfMLP_0/Dense_0/kernel`.
+"""
+
+from __future__ import annotations
+
+import math as pymath
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import gin
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mipnerf360 import coord, geopoly, image, math, ref_utils, render, stepfun, utils
+
+Renderings = List[Dict[str, Any]]
+RayHistory = List[Dict[str, Optional[torch.Tensor]]]
+
+
+def _register_gin_externals() -> None:
+    """Lets gin files name `@math.safe_exp` and `@coord.contract`, as the reference's do."""
+    for fn, module in ((getattr(math, 'safe_exp', None), 'math'), (coord.contract, 'coord')):
+        if fn is None:
+            continue
+        try:
+            gin.external_configurable(fn, module=module)
+        except ValueError:  # Registered already.
+            pass
+
+
+_register_gin_externals()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight initialisers named as in `jax.nn.initializers`.
+
+_VARIANCE_SCALING = {
+    # name: (scale, mode, distribution)
+    'he_uniform': (2.0, 'fan_in', 'uniform'),
+    'he_normal': (2.0, 'fan_in', 'truncated_normal'),
+    'kaiming_uniform': (2.0, 'fan_in', 'uniform'),
+    'kaiming_normal': (2.0, 'fan_in', 'truncated_normal'),
+    'glorot_uniform': (1.0, 'fan_avg', 'uniform'),
+    'glorot_normal': (1.0, 'fan_avg', 'truncated_normal'),
+    'xavier_uniform': (1.0, 'fan_avg', 'uniform'),
+    'xavier_normal': (1.0, 'fan_avg', 'truncated_normal'),
+    'lecun_uniform': (1.0, 'fan_in', 'uniform'),
+    'lecun_normal': (1.0, 'fan_in', 'truncated_normal'),
+}
+
+
+def variance_scaling_(weight: torch.Tensor, init_name: str) -> torch.Tensor:
+    """Initialises a `[out, in]` weight in place like `jax.nn.initializers.<init_name>()` does its `[in, out]`
+    kernel: variance = scale / fan, drawn uniform, or truncated normal at +-2 std (std corrected as jax does)."""
+    if init_name not in _VARIANCE_SCALING:
+        raise ValueError(f'Unknown weight_init {init_name!r}; expected one of {sorted(_VARIANCE_SCALING)}.')
+    scale, mode, distribution = _VARIANCE_SCALING[init_name]
+    fan_out, fan_in = weight.shape
+    fan = {'fan_in': fan_in, 'fan_out': fan_out, 'fan_avg': 0.5 * (fan_in + fan_out)}[mode]
+    variance = scale / max(1.0, fan)
+    with torch.no_grad():
+        if distribution == 'uniform':
+            bound = pymath.sqrt(3.0 * variance)
+            return weight.uniform_(-bound, bound)
+        # The std of a unit normal truncated to [-2, 2] is 0.87962566103423978; jax divides it out.
+        std = pymath.sqrt(variance) / 0.87962566103423978
+        return nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class Dense(nn.Linear):
+    """`nn.Linear` initialised like flax's `nn.Dense(kernel_init=<weight_init>)`: zero bias."""
+
+    def __init__(self, in_features: int, out_features: int, weight_init: str = 'he_uniform'):
+        self.weight_init = weight_init
+        super().__init__(in_features, out_features)
+
+    def reset_parameters(self) -> None:
+        variance_scaling_(self.weight, self.weight_init)
+        nn.init.zeros_(self.bias)
+
+
+def _pos_enc_dim(deg: int, dims: int = 3) -> int:
+    """Width of `coord.pos_enc(x[..., dims], 0, deg, append_identity=True)`."""
+    return dims + 2 * dims * deg
+
+
+def _ide_dim(deg_view: int) -> int:
+    """Width of Ref-NeRF's integrated directional encoding: real and imaginary parts of the (l, m) pairs with
+    l = 1, 2, 4, ..., 2^(deg_view - 1) and m = 0..l."""
+    return 2 * sum(2**i + 1 for i in range(deg_view))
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    return F.softplus(x)
+
+
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x)
+
+
+class MLP(nn.Module):
+    """A (integrated) positional-encoding MLP, as the reference's `MLP`.
+
+    The density trunk maps the IPE of Gaussians (after `warp_fn` and the projection onto the geodesic basis)
+    through `net_depth` ReLU layers of `net_width` (re-concatenating the encoding after every `skip_layer`-th
+    layer) to one raw density. Unless `disable_rgb`, a view-dependent branch maps [bottleneck, encoded view (or
+    reflection) direction, n.v, GLO vector] through `net_depth_viewdirs` layers to RGB.
+
+    Torch needs layer widths up front, so two things flax infers at call time are constructor arguments here:
+    `use_viewdirs` (whether view directions will be passed) and `num_glo_features` (the GLO vector width passed
+    to the NeRF MLP). `Model` sets both.
+    """
+
+    def __init__(
+        self,
+        net_depth: int = 8,
+        net_width: int = 256,
+        bottleneck_width: int = 256,
+        net_depth_viewdirs: int = 1,
+        net_width_viewdirs: int = 128,
+        net_activation: Callable[[torch.Tensor], torch.Tensor] = _relu,
+        min_deg_point: int = 0,
+        max_deg_point: int = 12,
+        weight_init: str = 'he_uniform',
+        skip_layer: int = 4,
+        skip_layer_dir: int = 4,
+        num_rgb_channels: int = 3,
+        deg_view: int = 4,
+        use_reflections: bool = False,
+        use_directional_enc: bool = False,
+        enable_pred_roughness: bool = False,
+        roughness_activation: Callable[[torch.Tensor], torch.Tensor] = _softplus,
+        roughness_bias: float = -1.,
+        use_diffuse_color: bool = False,
+        use_specular_tint: bool = False,
+        use_n_dot_v: bool = False,
+        bottleneck_noise: float = 0.0,
+        density_activation: Callable[[torch.Tensor], torch.Tensor] = _softplus,
+        density_bias: float = -1.,
+        density_noise: float = 0.,
+        rgb_premultiplier: float = 1.,
+        rgb_activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid,
+        rgb_bias: float = 0.,
+        rgb_padding: float = 0.001,
+        enable_pred_normals: bool = False,
+        disable_density_normals: bool = False,
+        disable_rgb: bool = False,
+        warp_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        basis_shape: str = 'icosahedron',
+        basis_subdivisions: int = 2,
+        use_viewdirs: bool = True,
+        num_glo_features: int = 0,
+    ):
+        super().__init__()
+        if use_reflections and not (enable_pred_normals or not disable_density_normals):
+            raise ValueError('use_reflections needs normals: set enable_pred_normals=True or '
+                             'disable_density_normals=False.')
+        if use_directional_enc and not enable_pred_roughness:
+            raise ValueError('use_directional_enc (the IDE) needs a roughness: set enable_pred_roughness=True.')
+        self.net_depth = net_depth
+        self.net_width = net_width
+        self.bottleneck_width = bottleneck_width
+        self.net_depth_viewdirs = net_depth_viewdirs
+        self.net_width_viewdirs = net_width_viewdirs
+        self.net_activation = net_activation
+        self.min_deg_point = min_deg_point
+        self.max_deg_point = max_deg_point
+        self.weight_init = weight_init
+        self.skip_layer = skip_layer
+        self.skip_layer_dir = skip_layer_dir
+        self.num_rgb_channels = num_rgb_channels
+        self.deg_view = deg_view
+        self.use_reflections = use_reflections
+        self.use_directional_enc = use_directional_enc
+        self.enable_pred_roughness = enable_pred_roughness
+        self.roughness_activation = roughness_activation
+        self.roughness_bias = roughness_bias
+        self.use_diffuse_color = use_diffuse_color
+        self.use_specular_tint = use_specular_tint
+        self.use_n_dot_v = use_n_dot_v
+        self.bottleneck_noise = bottleneck_noise
+        self.density_activation = density_activation
+        self.density_bias = density_bias
+        self.density_noise = density_noise
+        self.rgb_premultiplier = rgb_premultiplier
+        self.rgb_activation = rgb_activation
+        self.rgb_bias = rgb_bias
+        self.rgb_padding = rgb_padding
+        self.enable_pred_normals = enable_pred_normals
+        self.disable_density_normals = disable_density_normals
+        self.disable_rgb = disable_rgb
+        self.warp_fn = warp_fn
+        self.basis_shape = basis_shape
+        self.basis_subdivisions = basis_subdivisions
+        self.use_viewdirs = use_viewdirs
+        self.num_glo_features = num_glo_features
+
+        # The basis (transposed to [3, n]) is a buffer so that it follows .to(device); it is kept in float64 (cast
+        # to the inputs' dtype when used) so that a float64 model sees the exact basis.
+        basis = torch.as_tensor(np.ascontiguousarray(geopoly.generate_basis(basis_shape, basis_subdivisions)),
+                                dtype=torch.float64)
+        self.register_buffer('pos_basis_t', basis.T.contiguous(), persistent=False)
+        num_dirs = self.pos_basis_t.shape[-1]
+        self.input_dim = 2 * num_dirs * (max_deg_point - min_deg_point)
+
+        if use_directional_enc:
+            self.dir_enc_fn = ref_utils.generate_ide_fn(deg_view)
+            dir_enc_dim = _ide_dim(deg_view)
+        else:
+            self.dir_enc_fn = self._pos_enc_dirs
+            dir_enc_dim = _pos_enc_dim(deg_view)
+
+        dense = lambda i, o: Dense(i, o, weight_init)  # noqa: E731
+        # Layers are created in the order in which the reference's flax module creates its `Dense_k`s.
+        self._reference_order: List[str] = []
+
+        def add(name: str, layer: nn.Module) -> nn.Module:
+            self._reference_order.append(name)
+            return layer
+
+        # Density trunk.
+        self.trunk = nn.ModuleList()
+        width = self.input_dim
+        for i in range(net_depth):
+            self.trunk.append(add(f'trunk.{i}', dense(width, net_width)))
+            width = net_width + (self.input_dim if (i % skip_layer == 0 and i > 0) else 0)
+        self.feature_dim = width
+        self.density_layer = add('density_layer', dense(width, 1))
+
+        self.normals_layer = add('normals_layer', dense(width, 3)) if enable_pred_normals else None
+
+        self.diffuse_layer = self.tint_layer = self.roughness_layer = self.bottleneck_layer = None
+        self.viewdir_layers = nn.ModuleList()
+        self.rgb_layer = None
+        if not disable_rgb:
+            rgb_in = width
+            if use_viewdirs:
+                if use_diffuse_color:
+                    self.diffuse_layer = add('diffuse_layer', dense(width, num_rgb_channels))
+                if use_specular_tint:
+                    self.tint_layer = add('tint_layer', dense(width, 3))
+                if enable_pred_roughness:
+                    self.roughness_layer = add('roughness_layer', dense(width, 1))
+                if bottleneck_width > 0:
+                    self.bottleneck_layer = add('bottleneck_layer', dense(width, bottleneck_width))
+                view_in = (max(bottleneck_width, 0) + dir_enc_dim + (1 if use_n_dot_v else 0) +
+                           num_glo_features)
+                vwidth = view_in
+                for i in range(net_depth_viewdirs):
+                    self.viewdir_layers.append(add(f'viewdir_layers.{i}', dense(vwidth, net_width_viewdirs)))
+                    vwidth = net_width_viewdirs + (view_in if (i % skip_layer_dir == 0 and i > 0) else 0)
+                rgb_in = vwidth
+            self.rgb_layer = add('rgb_layer', dense(rgb_in, num_rgb_channels))
+
+    def _pos_enc_dirs(self, direction: torch.Tensor, _: Optional[torch.Tensor]) -> torch.Tensor:
+        return coord.pos_enc(direction, min_deg=0, max_deg=self.deg_view, append_identity=True)
+
+    def reference_layer_names(self) -> Dict[str, str]:
+        """Maps this MLP's layer names (e.g. 'trunk.0') to the reference's flax names ('Dense_0')."""
+        return {name: f'Dense_{k}' for k, name in enumerate(self._reference_order)}
+
+    def predict_density(self, means: torch.Tensor, covs: torch.Tensor,
+                        rng: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Raw density and trunk features.
+
+        Args:
+            means: [..., 3] Gaussian means; covs: [..., 3, 3] full covariances.
+            rng: draws the density noise (if `density_noise > 0`), None for none.
+
+        Returns:
+            raw_density: [...]; features: [..., feature_dim].
+        """
+        if self.warp_fn is not None:
+            means, covs = coord.track_linearize(self.warp_fn, means, covs)
+        basis = self.pos_basis_t.to(means.dtype)
+        lifted_means, lifted_vars = coord.lift_and_diagonalize(means, covs, basis)
+        x = coord.integrated_pos_enc(lifted_means, lifted_vars, self.min_deg_point, self.max_deg_point)
+        inputs = x
+        for i, layer in enumerate(self.trunk):
+            x = self.net_activation(layer(x))
+            if i % self.skip_layer == 0 and i > 0:
+                x = torch.cat([x, inputs], dim=-1)
+        raw_density = self.density_layer(x)[..., 0]
+        if rng is not None and self.density_noise > 0:
+            noise = torch.randn(raw_density.shape, generator=rng, device=raw_density.device,
+                                dtype=raw_density.dtype)
+            raw_density = raw_density + self.density_noise * noise
+        return raw_density, x
+
+    def forward(
+        self,
+        rng: Optional[torch.Generator],
+        gaussians: Tuple[torch.Tensor, torch.Tensor],
+        viewdirs: Optional[torch.Tensor] = None,
+        imageplane: Optional[torch.Tensor] = None,
+        glo_vec: Optional[torch.Tensor] = None,
+        exposure: Optional[torch.Tensor] = None,
+    ) -> Dict[str, Optional[torch.Tensor]]:
+        """Evaluates the MLP on Gaussians.
+
+        Args:
+            rng: generator for the density / bottleneck noise, None for deterministic output.
+            gaussians: (means [..., n, 3], covs [..., n, 3, 3]).
+            viewdirs: [..., 3] unit view directions, or None (then the colour comes from the trunk features).
+            imageplane: [..., 2] image-plane coordinates (unused, as in the reference).
+            glo_vec: [..., num_glo_features] appearance codes, or None.
+            exposure: [..., 1] exposure values (unused, as in the reference).
+
+        Returns:
+            A dict with density [..., n], rgb [..., n, num_rgb_channels] (zeros [..., n, 3] if `disable_rgb`),
+            raw_grad_density / normals [..., n, 3], grad_pred / normals_pred [..., n, 3], roughness [..., n, 1]
+            (each None when not computed).
+        """
+        del imageplane, exposure
+        means, covs = gaussians
+        if self.disable_density_normals:
+            raw_density, x = self.predict_density(means, covs, rng)
+            raw_grad_density = None
+            normals = None
+        else:
+            # Each sample's raw density depends on its own mean only, so the gradient of the sum gives every
+            # per-sample gradient at once. Under no_grad (rendering) the graph is built locally and dropped.
+            outer_grad = torch.is_grad_enabled()
+            with torch.enable_grad():
+                means_in = means if means.requires_grad else means.detach().requires_grad_(True)
+                raw_density, x = self.predict_density(means_in, covs, rng)
+                raw_grad_density = torch.autograd.grad(raw_density.sum(), means_in, create_graph=outer_grad)[0]
+            if not outer_grad:
+                raw_density, x = raw_density.detach(), x.detach()
+            normals = -ref_utils.l2_normalize(raw_grad_density)
+
+        if self.normals_layer is not None:
+            grad_pred = self.normals_layer(x)
+            normals_pred = -ref_utils.l2_normalize(grad_pred)
+            normals_to_use = normals_pred
+        else:
+            grad_pred = None
+            normals_pred = None
+            normals_to_use = normals
+
+        density = self.density_activation(raw_density + self.density_bias)
+
+        roughness = None
+        if self.disable_rgb:
+            rgb = torch.zeros_like(means)
+        else:
+            if viewdirs is not None:
+                if not self.use_viewdirs:
+                    raise ValueError('This MLP was built with use_viewdirs=False but was given viewdirs.')
+                raw_rgb_diffuse = tint = None
+                if self.diffuse_layer is not None:
+                    raw_rgb_diffuse = self.diffuse_layer(x)
+                if self.tint_layer is not None:
+                    tint = torch.sigmoid(self.tint_layer(x))
+                if self.roughness_layer is not None:
+                    roughness = self.roughness_activation(self.roughness_layer(x) + self.roughness_bias)
+
+                parts = []
+                if self.bottleneck_layer is not None:
+                    bottleneck = self.bottleneck_layer(x)
+                    if rng is not None and self.bottleneck_noise > 0:
+                        noise = torch.randn(bottleneck.shape, generator=rng, device=bottleneck.device,
+                                            dtype=bottleneck.dtype)
+                        bottleneck = bottleneck + self.bottleneck_noise * noise
+                    parts.append(bottleneck)
+                sample_shape = x.shape[:-1]
+
+                if self.use_reflections:
+                    # Viewdirs point from the camera to the point; reflect() wants them pointing at the camera.
+                    refdirs = ref_utils.reflect(-viewdirs[..., None, :], normals_to_use)
+                    dir_enc = self.dir_enc_fn(refdirs, roughness)
+                else:
+                    if self.use_directional_enc:
+                        dir_enc = self.dir_enc_fn(viewdirs[..., None, :].expand(sample_shape + (3,)), roughness)
+                    else:
+                        dir_enc = self.dir_enc_fn(viewdirs, roughness)[..., None, :]
+                    dir_enc = dir_enc.expand(sample_shape + dir_enc.shape[-1:])
+                parts.append(dir_enc)
+
+                if self.use_n_dot_v:
+                    parts.append(torch.sum(normals_to_use * viewdirs[..., None, :], dim=-1, keepdim=True))
+
+                if glo_vec is not None:
+                    parts.append(glo_vec[..., None, :].expand(sample_shape + glo_vec.shape[-1:]))
+
+                x = torch.cat(parts, dim=-1)
+                inputs = x
+                for i, layer in enumerate(self.viewdir_layers):
+                    x = self.net_activation(layer(x))
+                    if i % self.skip_layer_dir == 0 and i > 0:
+                        x = torch.cat([x, inputs], dim=-1)
+            else:
+                raw_rgb_diffuse = tint = None
+
+            rgb = self.rgb_activation(self.rgb_premultiplier * self.rgb_layer(x) + self.rgb_bias)
+
+            if raw_rgb_diffuse is not None:
+                # The diffuse colour starts near 0.25 so that diffuse + specular starts near 0.5.
+                diffuse_linear = torch.sigmoid(raw_rgb_diffuse - pymath.log(3.0))
+                specular_linear = tint * rgb if tint is not None else 0.5 * rgb
+                rgb = torch.clamp(image.linear_to_srgb(specular_linear + diffuse_linear), 0.0, 1.0)
+
+            # Map [0, 1] to [-rgb_padding, 1 + rgb_padding].
+            rgb = rgb * (1 + 2 * self.rgb_padding) - self.rgb_padding
+
+        return dict(
+            density=density,
+            rgb=rgb,
+            raw_grad_density=raw_grad_density,
+            grad_pred=grad_pred,
+            normals=normals,
+            normals_pred=normals_pred,
+            roughness=roughness,
+        )
+
+
+@gin.configurable
+class NerfMLP(MLP):
+    """The MLP of the final (NeRF) level; gin binds `NerfMLP.<arg>`."""
+
+
+@gin.configurable
+class PropMLP(MLP):
+    """The MLP shared by all proposal levels; gin binds `PropMLP.<arg>`."""
+
+
+def _schlick_bias(x: float, s: float) -> float:
+    """Schlick's bias function (arXiv:2010.09714), used to anneal the resampling weights."""
+    return (s * x) / ((s - 1) * x + 1)
+
+
+@gin.configurable
+class Model(nn.Module):
+    """mip-NeRF 360: proposal levels sharing one `PropMLP`, then a `NerfMLP` level (Sec. 3 of 2111.12077).
+
+    Every argument but `config`, `nerf_mlp_params` and `prop_mlp_params` is a field of the reference's `Model`,
+    with the same default. The MLPs are built as `NerfMLP(**nerf_mlp_params)` / `PropMLP(**prop_mlp_params)`, so
+    gin bindings of `NerfMLP.*` / `PropMLP.*` apply and explicit dicts override them.
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        num_prop_samples: int = 64,
+        num_nerf_samples: int = 32,
+        num_levels: int = 3,
+        bg_intensity_range: Tuple[float, float] = (1., 1.),
+        anneal_slope: float = 10,
+        stop_level_grad: bool = True,
+        use_viewdirs: bool = True,
+        raydist_fn: Any = None,
+        ray_shape: str = 'cone',
+        disable_integration: bool = False,
+        single_jitter: bool = True,
+        dilation_multiplier: float = 0.5,
+        dilation_bias: float = 0.0025,
+        num_glo_features: int = 0,
+        num_glo_embeddings: int = 1000,
+        learned_exposure_scaling: bool = False,
+        near_anneal_rate: Optional[float] = None,
+        near_anneal_init: float = 0.95,
+        single_mlp: bool = False,
+        resample_padding: float = 0.0,
+        use_gpu_resampling: bool = False,
+        opaque_background: bool = False,
+        nerf_mlp_params: Optional[Mapping[str, Any]] = None,
+        prop_mlp_params: Optional[Mapping[str, Any]] = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.num_prop_samples = num_prop_samples
+        self.num_nerf_samples = num_nerf_samples
+        self.num_levels = num_levels
+        self.bg_intensity_range = tuple(bg_intensity_range)
+        self.anneal_slope = anneal_slope
+        self.stop_level_grad = stop_level_grad
+        self.use_viewdirs = use_viewdirs
+        self.raydist_fn = raydist_fn
+        self.ray_shape = ray_shape
+        self.disable_integration = disable_integration
+        self.single_jitter = single_jitter
+        self.dilation_multiplier = dilation_multiplier
+        self.dilation_bias = dilation_bias
+        self.num_glo_features = num_glo_features
+        self.num_glo_embeddings = num_glo_embeddings
+        self.learned_exposure_scaling = learned_exposure_scaling
+        self.near_anneal_rate = near_anneal_rate
+        self.near_anneal_init = near_anneal_init
+        self.single_mlp = single_mlp
+        self.resample_padding = resample_padding
+        self.use_gpu_resampling = use_gpu_resampling  # Kept for gin compatibility; sampling is the same.
+        self.opaque_background = opaque_background
+
+        if single_mlp and num_glo_features > 0:
+            raise ValueError('single_mlp cannot be combined with num_glo_features > 0: the proposal levels '
+                             'feed the shared MLP no GLO vector (the reference fails here too).')
+
+        # Construction order as in the reference: the NeRF MLP first, then the proposal MLP.
+        mlp_kwargs = dict(use_viewdirs=use_viewdirs)
+        self.nerf_mlp = NerfMLP(**{**mlp_kwargs, 'num_glo_features': num_glo_features,
+                                   **(nerf_mlp_params or {})})
+        self.prop_mlp = None if single_mlp else PropMLP(**{**mlp_kwargs, **(prop_mlp_params or {})})
+
+        if num_glo_features > 0:
+            self.glo_vecs = nn.Embedding(num_glo_embeddings, num_glo_features)
+            # flax's default embedding init: variance_scaling(1, 'fan_in', 'normal', out_axis=0).
+            nn.init.normal_(self.glo_vecs.weight, 0.0, 1.0 / pymath.sqrt(num_glo_features))
+        else:
+            self.glo_vecs = None
+
+        if learned_exposure_scaling:
+            self.exposure_scaling_offsets = nn.Embedding(num_glo_embeddings, 3)
+            nn.init.zeros_(self.exposure_scaling_offsets.weight)
+        else:
+            self.exposure_scaling_offsets = None
+
+    def mlp_for_level(self, i_level: int) -> MLP:
+        """The MLP that level `i_level` queries (the shared PropMLP for every proposal level)."""
+        is_prop = i_level < self.num_levels - 1
+        return self.prop_mlp if (is_prop and self.prop_mlp is not None) else self.nerf_mlp
+
+    def forward(
+        self,
+        rng: Optional[torch.Generator],
+        rays: utils.Rays,
+        train_frac: float,
+        compute_extras: bool,
+        zero_glo: bool = True,
+    ) -> Tuple[Renderings, RayHistory]:
+        """Renders rays through every sampling level.
+
+        Args:
+            rng: generator for jitter, noise and background colours (on the rays' device); None renders
+                deterministically (interval centres, mid-range background).
+            rays: a `Rays` bundle with leading dimensions `...`.
+            train_frac: fraction of training done, in [0, 1] (drives the resampling anneal and near annealing).
+            compute_extras: if True also render acc, distances, normals, and sample bundles (`ray_*`).
+            zero_glo: if True use zero GLO vectors (rendering novel views).
+
+        Returns:
+            renderings: one dict per level ('rgb' [..., 3], and with extras 'acc', 'distance_mean',
+                'distance_median', 'distance_percentile_5/95', normals, 'ray_sdist', 'ray_weights', 'ray_rgbs').
+            ray_history: one dict per level with the MLP outputs plus 'sdist' [..., n + 1] and 'weights' [..., n].
+        """
+        origins = rays.origins
+        batch_shape = origins.shape[:-1]
+
+        if self.num_glo_features > 0:
+            if not zero_glo:
+                glo_vec = self.glo_vecs(rays.cam_idx[..., 0].long())
+            else:
+                glo_vec = torch.zeros(batch_shape + (self.num_glo_features,), dtype=origins.dtype,
+                                      device=origins.device)
+        else:
+            glo_vec = None
+
+        _, s_to_t = coord.construct_ray_warps(self.raydist_fn, rays.near, rays.far)
+
+        if self.near_anneal_rate is None:
+            init_s_near = 0.
+        else:
+            init_s_near = float(min(max(1 - train_frac / self.near_anneal_rate, 0.), self.near_anneal_init))
+        init_s_far = 1.
+        sdist = torch.cat([torch.full_like(rays.near, init_s_near), torch.full_like(rays.far, init_s_far)], dim=-1)
+        weights = torch.ones_like(rays.near)
+        prod_num_samples = 1
+
+        ray_history = []
+        renderings = []
+        for i_level in range(self.num_levels):
+            is_prop = i_level < self.num_levels - 1
+            num_samples = self.num_prop_samples if is_prop else self.num_nerf_samples
+
+            # Dilate by a multiple of the expected width of the current intervals, plus a bias.
+            dilation = (self.dilation_bias +
+                        self.dilation_multiplier * (init_s_far - init_s_near) / prod_num_samples)
+            prod_num_samples *= num_samples
+
+            use_dilation = self.dilation_bias > 0 or self.dilation_multiplier > 0
+            if i_level > 0 and use_dilation:
+                sdist, weights = stepfun.max_dilate_weights(
+                    sdist, weights, dilation, domain=(init_s_near, init_s_far), renormalize=True)
+                sdist = sdist[..., 1:-1]
+                weights = weights[..., 1:-1]
+
+            anneal = _schlick_bias(train_frac, self.anneal_slope) if self.anneal_slope > 0 else 1.
+
+            # weights**anneal as logits; empty intervals can never be drawn.
+            logits_resample = torch.where(
+                sdist[..., 1:] > sdist[..., :-1],
+                anneal * torch.log(weights + self.resample_padding),
+                torch.full_like(weights, -torch.inf))
+
+            sdist = stepfun.sample_intervals(
+                rng, sdist, logits_resample, num_samples, single_jitter=self.single_jitter,
+                domain=(init_s_near, init_s_far))
+
+            if self.stop_level_grad:
+                sdist = sdist.detach()
+
+            tdist = s_to_t(sdist)
+
+            gaussians = render.cast_rays(tdist, rays.origins, rays.directions, rays.radii, self.ray_shape,
+                                         diag=False)
+            if self.disable_integration:
+                gaussians = (gaussians[0], torch.zeros_like(gaussians[1]))
+
+            mlp = self.mlp_for_level(i_level)
+            ray_results = mlp(
+                rng,
+                gaussians,
+                viewdirs=rays.viewdirs if self.use_viewdirs else None,
+                imageplane=rays.imageplane,
+                glo_vec=None if is_prop else glo_vec,
+                exposure=rays.exposure_values,
+            )
+
+            weights = render.compute_alpha_weights(
+                ray_results['density'], tdist, rays.directions, opaque_background=self.opaque_background)[0]
+
+            lo, hi = self.bg_intensity_range
+            if lo == hi:
+                bg_rgbs = lo
+            elif rng is None:
+                bg_rgbs = (lo + hi) / 2
+            else:
+                bg_rgbs = lo + (hi - lo) * torch.rand(weights.shape[:-1] + (3,), generator=rng,
+                                                      device=weights.device, dtype=weights.dtype)
+
+            if rays.exposure_idx is not None:
+                # RawNeRF: scale colours by the exposure, and optionally by a learned per-exposure factor.
+                rgb = ray_results['rgb'] * rays.exposure_values[..., None, :]
+                if self.exposure_scaling_offsets is not None:
+                    exposure_idx = rays.exposure_idx[..., 0].long()
+                    # Exposure 0 is the fixed reference: its scaling stays exactly 1.
+                    mask = (exposure_idx > 0).to(rgb.dtype)
+                    scaling = 1 + mask[..., None] * self.exposure_scaling_offsets(exposure_idx)
+                    rgb = rgb * scaling[..., None, :]
+                ray_results['rgb'] = rgb
+
+            rendering = render.volumetric_rendering(
+                ray_results['rgb'],
+                weights,
+                tdist,
+                bg_rgbs,
+                rays.far,
+                compute_extras,
+                extras={k: v for k, v in ray_results.items() if k.startswith('normals') or k == 'roughness'})
+
+            if compute_extras:
+                # A few rays kept whole (not as image chunks), for visualisation.
+                n = self.config.vis_num_rays if self.config is not None else 16
+                rendering['ray_sdist'] = sdist.reshape(-1, sdist.shape[-1])[:n, :]
+                rendering['ray_weights'] = weights.reshape(-1, weights.shape[-1])[:n, :]
+                rgb = ray_results['rgb']
+                rendering['ray_rgbs'] = rgb.reshape((-1,) + rgb.shape[-2:])[:n, :, :]
+
+            renderings.append(rendering)
+            ray_results['sdist'] = sdist
+            ray_results['weights'] = weights
+            ray_history.append(ray_results)
+
+        if compute_extras:
+            # Proposal levels have no meaningful colours: show the final colour along their rays instead.
+            final_rgb = torch.sum(renderings[-1]['ray_rgbs'] * renderings[-1]['ray_weights'][..., None], dim=-2)
+            for r in renderings[:-1]:
+                r['ray_rgbs'] = final_rgb[:, None, :].expand(r['ray_rgbs'].shape)
+
+        return renderings, ray_history
+
+
+def reference_param_names(model: Model) -> Dict[str, str]:
+    """Maps `model.named_parameters()` names to the reference's flax paths, e.g.
+    'nerf_mlp.trunk.0.weight' -> 'NerfMLP_0/Dense_0/kernel', 'glo_vecs.weight' -> 'Embed_0/embedding',
+    'exposure_scaling_offsets.weight' -> 'exposure_scaling_offsets/embedding'."""
+    names = {}
+    tops = {'nerf_mlp': 'NerfMLP_0', 'prop_mlp': 'PropMLP_0'}
+    for attr, top in tops.items():
+        mlp = getattr(model, attr, None)
+        if mlp is None:
+            continue
+        for layer, dense in mlp.reference_layer_names().items():
+            names[f'{attr}.{layer}.weight'] = f'{top}/{dense}/kernel'
+            names[f'{attr}.{layer}.bias'] = f'{top}/{dense}/bias'
+    if model.glo_vecs is not None:
+        names['glo_vecs.weight'] = 'Embed_0/embedding'
+    if model.exposure_scaling_offsets is not None:
+        names['exposure_scaling_offsets.weight'] = 'exposure_scaling_offsets/embedding'
+    return names
+
+
+def construct_model(rays: Optional[utils.Rays] = None, config: Any = None,
+                    device: Optional[torch.device] = None, seed: Optional[int] = None) -> Model:
+    """Builds a `Model` (gin-configured) on `device`.
+
+    Torch modules know their shapes at construction, so unlike the reference no example rays are needed; when
+    `rays` is given, the model is run once on up to 10 of them as a check. `seed` (default `config.seed` or 0)
+    makes the initial weights reproducible without touching the global RNG more than `torch.manual_seed` would.
+    """
+    if seed is None:
+        seed = getattr(config, 'seed', 0) if config is not None else 0
+    devices = [torch.device(device)] if device is not None and torch.device(device).type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = Model(config=config)
+    if device is not None:
+        model = model.to(device)
+    if rays is not None:
+        probe = utils.tree_map(lambda x: x.reshape(-1, x.shape[-1])[:10], rays)
+        probe = probe.to(next(model.parameters()).device)
+        with torch.no_grad():
+            model(None, probe, train_frac=1., compute_extras=False, zero_glo=model.num_glo_features == 0)
+    return model
+
+
+def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tuple[Renderings, Any]],
+                 rays: utils.Rays,
+                 rng: Optional[torch.Generator],
+                 config: Any,
+                 verbose: bool = False) -> Dict[str, Any]:
+    """Renders a whole image in chunks of `config.render_chunk_size` rays.
+
+    Args:
+        render_fn: (rng, rays) -> (renderings, ray_history), e.g. `functools.partial(model, train_frac=f,
+            compute_extras=True)`; runs on whatever device `rays` live on.
+        rays: `Rays` with leading dimensions [H, W].
+        rng: generator passed to render_fn (None for deterministic rendering).
+        config: supplies render_chunk_size and vis_num_rays.
+        verbose: print progress.
+
+    Returns:
+        Final-level images on the CPU, each [H, W, ...] ('rgb', 'acc', 'distance_*', ...), plus, for keys
+        starting with 'ray_', a list over levels of [vis_num_rays, ...] bundles drawn (deterministically) from
+        all the image's rays.
+    """
+    height, width = rays.origins.shape[:2]
+    num_rays = height * width
+    flat = utils.tree_map(lambda r: r.reshape((num_rays, -1)), rays)
+    chunk_size = config.render_chunk_size
+    starts = range(0, num_rays, chunk_size)
+    chunks = []
+    with torch.no_grad():
+        for i_chunk, i0 in enumerate(starts):
+            if verbose and i_chunk % max(1, len(starts) // 10) == 0:
+                print(f'Rendering chunk {i_chunk}/{len(starts) - 1}')
+            chunk_rays = utils.tree_map(lambda r: r[i0:i0 + chunk_size], flat)
+            chunk_renderings, _ = render_fn(rng, chunk_rays)
+            chunk = {k: v for k, v in chunk_renderings[-1].items() if not k.startswith('ray_')}
+            for k in chunk_renderings[0]:
+                if k.startswith('ray_'):
+                    chunk[k] = [r[k] for r in chunk_renderings]
+            chunks.append(utils.tree_map(lambda v: v.detach().to('cpu', non_blocking=True), chunk))
+    if rays.origins.device.type == 'cuda':
+        torch.cuda.synchronize(rays.origins.device)  # The non-blocking copies above must have landed.
+
+    rendering = {}
+    for k in chunks[0]:
+        if k.startswith('ray_'):
+            rendering[k] = [torch.cat([c[k][i] for c in chunks]) for i in range(len(chunks[0][k]))]
+        else:
+            z = torch.cat([c[k] for c in chunks])
+            rendering[k] = z.reshape((height, width) + z.shape[1:])
+
+    ray_keys = [k for k in rendering if k.startswith('ray_')]
+    if ray_keys:
+        n = rendering[ray_keys[0]][0].shape[0]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:config.vis_num_rays]
+        for k in ray_keys:
+            rendering[k] = [r[perm] for r in rendering[k]]
+    return rendering

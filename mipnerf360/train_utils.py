@@ -1,0 +1,388 @@
+"""Losses, gradient clipping, the optimiser and learning-rate schedule, and one training step.
+
+Port of multinerf's `internal/train_utils.py`. The loss terms (mip-NeRF 360, arXiv:2111.12077):
+  data          Charbonnier (or MSE / RawNeRF / RobustNeRF) on the rendered colour, `lossmult`-weighted mean;
+                the final level weighted by `data_loss_mult`, earlier levels by `data_coarse_loss_mult`.
+  interlevel    Eq. 13: each proposal histogram must bound the (stop-gradient) NeRF histogram from above.
+  distortion    Eq. 15, on the final level's normalised distances and weights.
+  orientation / predicted_normals   Ref-NeRF's normal regularisers (arXiv:2112.03907, Eqs. 10 and 11).
+  weight        weight decay, `sum_k mult_k * ||params under prefix k||^2` over `config.weight_decay_mults`.
+
+Parameter groups (gradient clipping and statistics) are the top-level children of `Model`: 'nerf_mlp',
+'prop_mlp', 'glo_vecs', 'exposure_scaling_offsets' (the reference's 'NerfMLP_0', 'PropMLP_0', 'Embed_0',
+'exposure_scaling_offsets'). Keys of `config.weight_decay_mults` may use either spelling, as a prefix of a
+torch parameter name ('nerf_mlp', 'prop_mlp.trunk.0') or of a reference path ('NerfMLP_0',
+'PropMLP_0/Dense_0'); see `models.reference_param_names`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from mipnerf360 import camera_utils, image, math, models, ref_utils, robustnerf, stepfun, utils
+
+Stats = Dict[str, Any]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The `Model` inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, 'module') else model
+
+
+def compute_data_loss(batch: utils.Batch, renderings: List[Dict[str, torch.Tensor]], rays: utils.Rays,
+                      loss_threshold: Union[float, torch.Tensor], config: Any) -> Tuple[torch.Tensor, Stats]:
+    """Data loss over all levels.
+
+    Args:
+        batch: batch.rgb [..., 3 or 4] targets (plus disps / normals / alphas for the optional metrics).
+        renderings: per level, 'rgb' [..., 3] (and 'distance_mean', 'normals', 'acc' for the metrics).
+        rays: supplies lossmult [..., 1], the per-ray loss weight.
+        loss_threshold: RobustNeRF's inlier threshold (used only with data_loss_type 'robustnerf').
+        config: data_loss_type ('mse', 'charb', 'rawnerf', 'robustnerf'), charb_padding, data_loss_mult,
+            data_coarse_loss_mult, disable_multiscale_loss, compute_disp_metrics, compute_normal_metrics.
+
+    Returns:
+        loss: scalar, data_coarse_loss_mult * sum(levels[:-1]) + data_loss_mult * levels[-1], each level being
+            sum(lossmult * loss) / sum(lossmult).
+        stats: 'mses' [num_levels] (and 'disparity_mses', 'normal_maes', RobustNeRF statistics).
+    """
+    rgb_gt = batch.rgb[..., :3]
+    for rendering in renderings:
+        if rendering['rgb'].shape != rgb_gt.shape:
+            raise ValueError(f"Rendered colours have shape {tuple(rendering['rgb'].shape)} but the batch targets "
+                             f'have {tuple(rgb_gt.shape)}; rays and targets must share their batch dimensions.')
+    lossmult = torch.broadcast_to(rays.lossmult, rgb_gt.shape).to(rgb_gt.dtype)
+    if config.disable_multiscale_loss:
+        lossmult = torch.ones_like(lossmult)
+    denom = lossmult.sum()
+
+    data_losses = []
+    lists: Dict[str, list] = {}
+    extra_stats: Stats = {}
+    for rendering in renderings:
+        rgb = rendering['rgb']
+        resid_sq = (rgb - rgb_gt)**2
+        lists.setdefault('mses', []).append((lossmult * resid_sq).sum() / denom)
+
+        if config.data_loss_type == 'mse':
+            data_loss = resid_sq
+        elif config.data_loss_type == 'charb':
+            data_loss = torch.sqrt(resid_sq + config.charb_padding**2)
+        elif config.data_loss_type == 'rawnerf':
+            # Clip at 1 like an over-exposed sensor, and weight by the gradient of a log tone curve (RawNeRF
+            # Eq. 6 ff.), held constant.
+            rgb_clip = torch.clamp(rgb, max=1.)
+            scaling_grad = 1. / (1e-3 + rgb_clip.detach())
+            data_loss = (rgb_clip - rgb_gt)**2 * scaling_grad**2
+        elif config.data_loss_type == 'robustnerf':
+            mask, robust_stats = robustnerf.robustnerf_mask(resid_sq, loss_threshold, config)
+            data_loss = resid_sq * mask
+            extra_stats.update(robust_stats)
+        else:
+            raise ValueError(f'Unknown Config.data_loss_type {config.data_loss_type!r}; expected one of '
+                             "'mse', 'charb', 'rawnerf', 'robustnerf'.")
+        data_losses.append((lossmult * data_loss).sum() / denom)
+
+        if config.compute_disp_metrics:
+            disp = 1 / (1 + rendering['distance_mean'])
+            disps_gt = batch.disps.reshape(disp.shape)
+            lists.setdefault('disparity_mses', []).append(((disp - disps_gt)**2).mean())
+
+        if config.compute_normal_metrics:
+            if rendering.get('normals') is not None:
+                weights = rendering['acc'] * batch.alphas.reshape(rendering['acc'].shape)
+                normals_gt = ref_utils.l2_normalize(batch.normals)
+                normals = ref_utils.l2_normalize(rendering['normals'])
+                normal_mae = ref_utils.compute_weighted_mae(weights, normals, normals_gt)
+            else:
+                normal_mae = torch.full((), torch.nan, dtype=rgb.dtype, device=rgb.device)
+            lists.setdefault('normal_maes', []).append(normal_mae)
+
+    loss = config.data_loss_mult * data_losses[-1]
+    if len(data_losses) > 1 and config.data_coarse_loss_mult != 0:
+        loss = loss + config.data_coarse_loss_mult * torch.stack(data_losses[:-1]).sum()
+    stats = {k: torch.stack(v) for k, v in lists.items()}
+    stats.update(extra_stats)
+    return loss, stats
+
+
+def interlevel_loss(ray_history: Sequence[Mapping[str, torch.Tensor]], config: Any) -> torch.Tensor:
+    """mip-NeRF 360's proposal loss (Eq. 13), summed over proposal levels, times `interlevel_loss_mult`.
+
+    The NeRF level's distances and weights are held constant, so this trains only the proposal MLP.
+    """
+    last = ray_history[-1]
+    c = last['sdist'].detach()
+    w = last['weights'].detach()
+    loss = 0.
+    for ray_results in ray_history[:-1]:
+        loss = loss + torch.mean(stepfun.lossfun_outer(c, w, ray_results['sdist'], ray_results['weights']))
+    return config.interlevel_loss_mult * loss
+
+
+def distortion_loss(ray_history: Sequence[Mapping[str, torch.Tensor]], config: Any) -> torch.Tensor:
+    """mip-NeRF 360's distortion regulariser (Eq. 15) on the final level, times `distortion_loss_mult`."""
+    last = ray_history[-1]
+    return config.distortion_loss_mult * torch.mean(stepfun.lossfun_distortion(last['sdist'], last['weights']))
+
+
+def orientation_loss(rays: utils.Rays, model: nn.Module, ray_history: Sequence[Mapping[str, torch.Tensor]],
+                     config: Any) -> torch.Tensor:
+    """Ref-NeRF's orientation loss (Eq. 10): penalise normals facing away from the camera, weighted by w."""
+    model = _unwrap(model)
+    total = 0.
+    v = -rays.viewdirs  # Unit vectors from the points towards the camera.
+    for i, ray_results in enumerate(ray_history):
+        w = ray_results['weights']
+        n = ray_results[config.orientation_loss_target]
+        if n is None:
+            raise ValueError(f'Orientation loss needs {config.orientation_loss_target!r}, which the MLP did not '
+                             'compute (enable normals or set Config.orientation_loss_target).')
+        n_dot_v = (n * v[..., None, :]).sum(dim=-1)
+        loss = torch.mean((w * torch.clamp(n_dot_v, max=0.0)**2).sum(dim=-1))
+        mult = config.orientation_coarse_loss_mult if i < model.num_levels - 1 else config.orientation_loss_mult
+        total = total + mult * loss
+    return total
+
+
+def predicted_normal_loss(model: nn.Module, ray_history: Sequence[Mapping[str, torch.Tensor]],
+                          config: Any) -> torch.Tensor:
+    """Ref-NeRF's predicted-normal loss (Eq. 11): predicted normals should match density-gradient normals."""
+    model = _unwrap(model)
+    total = 0.
+    for i, ray_results in enumerate(ray_history):
+        w = ray_results['weights']
+        n = ray_results['normals']
+        n_pred = ray_results['normals_pred']
+        if n is None or n_pred is None:
+            raise ValueError('The predicted normal loss needs both density normals and predicted normals '
+                             '(disable_density_normals=False and enable_pred_normals=True).')
+        loss = torch.mean((w * (1.0 - torch.sum(n * n_pred, dim=-1))).sum(dim=-1))
+        mult = (config.predicted_normal_coarse_loss_mult if i < model.num_levels - 1
+                else config.predicted_normal_loss_mult)
+        total = total + mult * loss
+    return total
+
+
+def param_groups(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
+    """Trainable parameters grouped by top-level child ('nerf_mlp', 'prop_mlp', 'glo_vecs', ...), in order."""
+    groups: Dict[str, List[Tuple[str, nn.Parameter]]] = {}
+    for name, p in _unwrap(model).named_parameters():
+        if p.requires_grad:
+            groups.setdefault(name.split('.')[0], []).append((name, p))
+    return groups
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+def _abs_max(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.abs().max() for t in tensors]).max()
+
+
+def clip_gradients(model: nn.Module, config: Any) -> Dict[str, torch.Tensor]:
+    """Clips the gradients of each parameter group (see `param_groups`) on its own, in place.
+
+    Per group: clamp each entry to [-grad_max_val, grad_max_val] if grad_max_val > 0; then, if grad_max_norm > 0,
+    scale by min(1, grad_max_norm / (eps + ||g||)) with ||g|| the group's global L2 norm. Finally NaN -> 0 and
+    +-Inf -> +-largest finite value. No host synchronisation.
+
+    Returns:
+        The group norms after clipping (before nan_to_num), by group name.
+    """
+    clipped_norms = {}
+    for group, named in param_groups(model).items():
+        grads = [p.grad for _, p in named if p.grad is not None]
+        if not grads:
+            continue
+        if config.grad_max_val > 0:
+            for g in grads:
+                g.clamp_(-config.grad_max_val, config.grad_max_val)
+        if config.grad_max_norm > 0:
+            norm = _norm(grads)
+            eps = torch.finfo(norm.dtype).eps
+            mult = torch.clamp(config.grad_max_norm / (eps + norm), max=1.)
+            torch._foreach_mul_(grads, mult)
+        clipped_norms[group] = _norm(grads)
+        for g in grads:
+            torch.nan_to_num_(g)
+    return clipped_norms
+
+
+def _prefix_match(prefix: str, name: str, sep: str) -> bool:
+    return name == prefix or name.startswith(prefix + sep)
+
+
+def weight_l2(model: nn.Module, prefix: str) -> torch.Tensor:
+    """Sum of squares of the parameters whose torch name ('.'-separated) or reference path ('/'-separated)
+    starts with `prefix` (differentiable)."""
+    base = _unwrap(model)
+    ref_names = models.reference_param_names(base)
+    terms = [torch.sum(p**2) for name, p in base.named_parameters()
+             if _prefix_match(prefix, name, '.') or _prefix_match(prefix, ref_names.get(name, ''), '/')]
+    if not terms:
+        raise ValueError(f'Config.weight_decay_mults names {prefix!r}, which matches no parameter; use a prefix '
+                         "such as 'nerf_mlp', 'prop_mlp.trunk.0' or the reference's 'NerfMLP_0/Dense_0'.")
+    return torch.stack(terms).sum()
+
+
+def create_optimizer(config: Any, model: nn.Module) -> Tuple[torch.optim.Adam, Callable[[int], float]]:
+    """Adam (betas and eps from config) over the model's trainable parameters, and the learning-rate schedule
+    lr_fn(step) = math.learning_rate_decay(step, lr_init, lr_final, max_steps, lr_delay_steps, lr_delay_mult),
+    with step counted from 0 (the reference's optax step)."""
+    lr_fn_raw = functools.partial(
+        math.learning_rate_decay,
+        lr_init=config.lr_init,
+        lr_final=config.lr_final,
+        max_steps=config.max_steps,
+        lr_delay_steps=config.lr_delay_steps,
+        lr_delay_mult=config.lr_delay_mult)
+
+    def lr_fn(step: int) -> float:
+        return float(lr_fn_raw(step))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr_fn(0), betas=(config.adam_beta1, config.adam_beta2),
+                                 eps=config.adam_eps)
+    return optimizer, lr_fn
+
+
+def train_step(model: nn.Module,
+               optimizer: torch.optim.Optimizer,
+               lr_fn: Callable[[int], float],
+               batch: utils.Batch,
+               cameras: Optional[Tuple[Any, ...]],
+               train_frac: float,
+               step: int,
+               config: Any,
+               rng: Optional[torch.Generator],
+               loss_threshold: Optional[Union[float, torch.Tensor]] = None,
+               camtype: Any = None) -> Stats:
+    """One optimisation step: rays, forward, losses, backward, per-group clipping, Adam update.
+
+    Args:
+        model: a `Model` (or a DDP wrapper of one).
+        optimizer, lr_fn: from `create_optimizer`.
+        batch: a `Batch` on the model's device; `batch.rays` is `Rays`, or `Pixels` to be cast here with
+            `cameras` (as is done too for any batch when `config.cast_rays_in_train_step`).
+        cameras: (pixtocams, camtoworlds, distortion_params, pixtocam_ndc) on the model's device, or None.
+        train_frac: fraction of training done, in [0, 1].
+        step: the 1-based step number of the training loop; the learning rate used is lr_fn(step - 1), as the
+            reference's optax schedule counts updates from 0.
+        config: a `Config`.
+        rng: sampling generator on the model's device, None for deterministic sampling.
+        loss_threshold: RobustNeRF's inlier threshold; None uses the one this optimizer's previous step computed
+            (1.0 at first, as the reference's train.py).
+        camtype: camera_utils.ProjectionType for casting Pixels (perspective when None).
+
+    Returns:
+        Statistics, all tensors (or floats) left on the device: 'loss', 'losses' {term: value}, 'mses' and
+        'psnrs' [num_levels], 'psnr', 'grad_norms' / 'grad_maxes' / 'grad_norms_clipped' / 'weight_l2s'
+        {group: value}, 'lr', and the data-loss statistics. Convert with `stats_to_float` at logging time.
+    """
+    base = _unwrap(model)
+    rays = batch.rays
+    if isinstance(rays, utils.Pixels) or config.cast_rays_in_train_step:
+        if camtype is None:
+            camtype = camera_utils.ProjectionType.PERSPECTIVE
+        rays = camera_utils.cast_ray_batch(cameras, rays, camtype, xnp=torch)
+
+    if loss_threshold is None:
+        loss_threshold = getattr(optimizer, 'robustnerf_loss_threshold', 1.0)
+
+    compute_extras = config.compute_disp_metrics or config.compute_normal_metrics
+    renderings, ray_history = model(rng, rays, train_frac=train_frac, compute_extras=compute_extras,
+                                    zero_glo=False)
+
+    losses = {}
+    data_loss, stats = compute_data_loss(batch, renderings, rays, loss_threshold, config)
+    losses['data'] = data_loss
+    if config.interlevel_loss_mult > 0:
+        losses['interlevel'] = interlevel_loss(ray_history, config)
+    if config.distortion_loss_mult > 0:
+        losses['distortion'] = distortion_loss(ray_history, config)
+    if config.orientation_coarse_loss_mult > 0 or config.orientation_loss_mult > 0:
+        losses['orientation'] = orientation_loss(rays, base, ray_history, config)
+    if config.predicted_normal_coarse_loss_mult > 0 or config.predicted_normal_loss_mult > 0:
+        losses['predicted_normals'] = predicted_normal_loss(base, ray_history, config)
+    if config.weight_decay_mults:
+        losses['weight'] = sum(m * weight_l2(base, k) for k, m in config.weight_decay_mults.items())
+
+    loss = torch.stack([torch.as_tensor(v, dtype=data_loss.dtype, device=data_loss.device)
+                        for v in losses.values()]).sum()
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+
+    groups = param_groups(base)
+    grad_norms, grad_maxes, weight_l2s = {}, {}, {}
+    with torch.no_grad():
+        for group, named in groups.items():
+            grads = [p.grad for _, p in named if p.grad is not None]
+            if grads:
+                grad_norms[group] = _norm(grads)
+                grad_maxes[group] = _abs_max(grads)
+            weight_l2s[group] = torch.stack([torch.sum(p.detach()**2) for _, p in named]).sum()
+    grad_norms_clipped = clip_gradients(base, config)
+
+    lr = lr_fn(step - 1)
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+    optimizer.step()
+
+    if 'loss_threshold' in stats:
+        optimizer.robustnerf_loss_threshold = stats['loss_threshold'].detach()
+
+    stats = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+    stats['loss'] = loss.detach()
+    stats['losses'] = {k: torch.as_tensor(v).detach() for k, v in losses.items()}
+    stats['psnrs'] = image.mse_to_psnr(stats['mses'])
+    stats['psnr'] = stats['psnrs'][-1]
+    stats['grad_norms'] = grad_norms
+    stats['grad_maxes'] = grad_maxes
+    stats['grad_norms_clipped'] = grad_norms_clipped
+    stats['weight_l2s'] = weight_l2s
+    stats['lr'] = lr
+    return stats
+
+
+def _flatten_stats(stats: Mapping[str, Any], prefix: str = '') -> List[Tuple[str, Any]]:
+    items = []
+    for k, v in stats.items():
+        name = f'{prefix}{k}'
+        if isinstance(v, Mapping):
+            items.extend(_flatten_stats(v, prefix=name + '/'))
+        else:
+            items.append((name, v))
+    return items
+
+
+def stats_to_float(stats: Mapping[str, Any]) -> Dict[str, float]:
+    """Flattens nested statistics to {'a/b': float} with one device-to-host copy per device; a tensor with
+    several entries (e.g. 'psnrs' per level) becomes 'psnrs/0', 'psnrs/1', ..."""
+    names: List[str] = []
+    by_device: Dict[torch.device, List[Tuple[List[str], torch.Tensor]]] = {}
+    out: Dict[str, float] = {}
+    for name, v in _flatten_stats(stats):
+        if isinstance(v, torch.Tensor):
+            v = v.detach().reshape(-1)
+            keys = [name] if v.numel() == 1 else [f'{name}/{i}' for i in range(v.numel())]
+            by_device.setdefault(v.device, []).append((keys, v.to(torch.float64)))
+            names.extend(keys)
+        elif v is not None:
+            out[name] = float(np.asarray(v).reshape(-1)[0]) if np.ndim(v) else float(v)
+            names.append(name)
+    for entries in by_device.values():
+        values = torch.cat([v for _, v in entries]).cpu().numpy()
+        i = 0
+        for keys, _ in entries:
+            for key in keys:
+                out[key] = float(values[i])
+                i += 1
+    return {k: out[k] for k in names}
