@@ -37,7 +37,7 @@ def main(argv=None):
     from mipnerf360 import synthetic
     out = os.path.abspath(args.out)
     scene_dir = os.path.join(out, 'scene')
-    ckpt_dir = os.path.join(out, 'demo', 'checkpoints')
+    ckpt_dir = os.path.join(out, 'demo', 'synthetic360')  # <exp>/<scene>, as video names expect
     t0 = time.time()
     if not os.path.exists(os.path.join(scene_dir, 'sparse', '0')):
         print(f'Generating a synthetic 360 scene in {scene_dir}', flush=True)
