@@ -64,6 +64,20 @@ def ensure_dir(checkpoint_dir: str):
         raise CheckpointError(f'checkpoint_dir {checkpoint_dir!r} is not writable; choose a writable path.')
 
 
+def _fsync_dir(directory: str):
+    """Makes a rename in `directory` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(checkpoint_dir: str, state: Dict[str, Any], step: int, keep: int = 3) -> str:
     """Atomically writes `state` as the checkpoint of `step`; keeps the newest `keep` checkpoints (0 = all)."""
     ensure_dir(checkpoint_dir)
@@ -75,9 +89,10 @@ def save_checkpoint(checkpoint_dir: str, state: Dict[str, Any], step: int, keep:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(checkpoint_dir)
     except OSError as e:
-        raise CheckpointError(f'Could not write checkpoint {path}: {e.strerror}. Earlier checkpoints are intact.') \
-                from None
+        raise CheckpointError(f'Could not write checkpoint {path}: {e.strerror}; earlier checkpoints are '
+                              'intact. Free some space or choose another Config.checkpoint_dir.') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -93,6 +108,16 @@ def save_checkpoint(checkpoint_dir: str, state: Dict[str, Any], step: int, keep:
     return path
 
 
+def _fallback_advice(path: str) -> str:
+    """What to do about an unusable checkpoint `path`: delete it and fall back to the previous one, if any."""
+    others = [p for p in list_checkpoints(os.path.dirname(path) or '.')
+              if os.path.abspath(p) != os.path.abspath(path)]
+    if others:
+        return (f'delete (or move away) {os.path.basename(path)} to fall back to {os.path.basename(others[-1])}, '
+                'or point Config.checkpoint_dir elsewhere')
+    return 'delete it to train from scratch, or point Config.checkpoint_dir elsewhere'
+
+
 def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
     """Loads a checkpoint written by `save_checkpoint` (weights only: no code is unpickled)."""
     if not os.path.isfile(path):
@@ -100,10 +125,10 @@ def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files.
-        reason = ' '.join(str(e).split())[:200]
-        raise CheckpointError(f'Checkpoint {path} is corrupt or not a mipnerf360 checkpoint ({reason}); delete it to '
-                                                    'fall back to the previous one, or point Config.checkpoint_dir elsewhere.') from None
+        reason = ' '.join(str(e).split()).split('. ')[0][:160]
+        raise CheckpointError(f'Checkpoint {path} is corrupt or not a mipnerf360 checkpoint ({reason}); '
+                              f'{_fallback_advice(path)}.') from None
     if not isinstance(state, dict) or 'model' not in state or 'step' not in state:
-        raise CheckpointError(f'Checkpoint {path} lacks model weights or step; it was not written by mipnerf360. '
-                                                    'Delete it or point Config.checkpoint_dir elsewhere.')
+        raise CheckpointError(f'Checkpoint {path} lacks model weights or step; it was not written by mipnerf360; '
+                              f'{_fallback_advice(path)}.')
     return state

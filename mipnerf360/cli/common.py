@@ -1,11 +1,21 @@
-"""Pieces shared by the train / eval / render entry points: flags, config, device, errors, model setup."""
+"""Pieces shared by the train / eval / render entry points: flags, config, device, errors, model setup.
+
+Error reporting: a problem the user can fix (missing folder, bad gin file or binding, corrupt checkpoint,
+unwritable output, unknown flag) is printed as exactly one line `error: <what and what to do>` on stderr and
+the process exits with status 2. Inputs are checked before the slow and noisy parts start (model, LPIPS,
+tensorboard), so that line is all a user sees on stderr. Set MIPNERF360_DEBUG=1 to get the traceback instead.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
+import inspect
 import os
+import re
 import sys
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from absl import app, flags
@@ -14,9 +24,16 @@ from mipnerf360 import checkpoints, configs, datasets
 
 _FLAGS_DEFINED = False
 
+EXIT_USER_ERROR = 2
+
+
+class OutputError(OSError):
+    """An output path that cannot be created or written (the message names it and what to do)."""
+
+
 # Exceptions a user can cause by their input. The CLI prints these as one line and exits non-zero.
-USER_ERRORS = (configs.ConfigError, checkpoints.CheckpointError, FileNotFoundError, NotADirectoryError,
-                              PermissionError, ValueError)
+USER_ERRORS = (configs.ConfigError, checkpoints.CheckpointError, datasets.DatasetError, OutputError,
+               FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError, ValueError)
 
 
 def define_flags():
@@ -26,14 +43,32 @@ def define_flags():
         _FLAGS_DEFINED = True
 
 
+def one_line(e: BaseException) -> str:
+    return ' '.join(str(e).split()) or type(e).__name__
+
+
 def user_error_exit(e: BaseException):
-    msg = ' '.join(str(e).split()) or type(e).__name__
-    print(f'error: {msg}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
 
 
-def run(main: Callable[[list], None], scope: str, argv=None):
-    """Runs `main` under absl with gin scope `scope`; a user error becomes one line on stderr and exit code 2."""
+def _parse_flags(argv: List[str]) -> List[str]:
+    """absl's flag parsing, with a bad flag reported as one `error:` line (and re-runnable in one process)."""
+    if flags.FLAGS.is_parsed():
+        flags.FLAGS.unparse_flags()  # Multi-string flags would otherwise accumulate across in-process runs.
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        user_error_exit(ValueError(f'{one_line(e)} (run with --helpshort to list the flags)'))
+        raise  # Unreachable.
+
+
+def run(main: Callable[[list], None], scope: str, argv: Optional[Sequence[str]] = None):
+    """Runs `main` under absl with gin scope `scope`; a user error becomes one line on stderr and exit code 2.
+
+    `argv` (including a program name at [0]) defaults to sys.argv; like absl's app.run this ends with
+    SystemExit (code 0 on success).
+    """
     define_flags()
 
     def wrapped(argv_):
@@ -46,26 +81,78 @@ def run(main: Callable[[list], None], scope: str, argv=None):
                 raise
             user_error_exit(e)
 
+    app.run(wrapped, argv=list(argv) if argv is not None else None, flags_parser=_parse_flags)
+
+
+def _suggest_binding(msg: str) -> str:
+    """Appends 'did you mean ...' to gin's unknown-parameter message when a close name exists."""
+    m = re.search(r"Configurable '(\w+)' doesn't have a parameter named '(\w+)'", msg)
+    if not m:
+        return msg
+    owner, name = m.groups()
+    candidates: List[str] = []
+    if owner == 'Config':
+        candidates = [f.name for f in dataclasses.fields(configs.Config)]
+    else:
+        from mipnerf360 import models  # pylint: disable=import-outside-toplevel
+        cls = getattr(models, owner, None)
+        if cls is not None:
+            candidates = list(inspect.signature(cls).parameters)
+            candidates += [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f'{msg}; did you mean {owner}.{close[0]}?' if close else msg
+
+
+def load_config(for_training: bool) -> configs.Config:
+    """Parses the gin flags into a Config and checks the paths it names.
+
+    For training, `checkpoint_dir` must be (or be creatable as) a writable directory; it is created here.
+    For eval / render it must be an existing directory holding checkpoints (checked by `restore_model`).
+    Nothing is written here (config.gin is saved by train once the model is built and restored).
+    """
+    import gin
+    gin.clear_config()  # Allows several runs in one process (tests); a no-op for a fresh process.
     try:
-        app.run(wrapped, argv=argv)
-    except flags.Error as e:  # Unknown or malformed command-line flags.
-        user_error_exit(e)
-
-
-def load_config(save_config: bool) -> configs.Config:
-    config = configs.load_config(save_config=False)
+        config = configs.load_config(save_config=False)
+    except configs.ConfigError as e:
+        raise configs.ConfigError(_suggest_binding(one_line(e))) from None
     if config.checkpoint_dir is None:
         raise configs.ConfigError('Config.checkpoint_dir is not set; add '
-                                                            '--gin_bindings="Config.checkpoint_dir = \'logs/<name>/checkpoints\'".')
+                                  '--gin_bindings="Config.checkpoint_dir = \'logs/<name>/checkpoints\'".')
     if config.data_dir is None:
-        raise configs.ConfigError('Config.data_dir is not set; add --gin_bindings="Config.data_dir = \'<scene dir>\'".')
+        raise configs.ConfigError('Config.data_dir is not set; add '
+                                  '--gin_bindings="Config.data_dir = \'<scene dir>\'".')
     if not os.path.isdir(config.data_dir):
         raise FileNotFoundError(f'Config.data_dir {config.data_dir!r} does not exist or is not a directory; '
-                                                        'point it at a scene folder (e.g. 360_v2/garden).')
-    if save_config:
+                                'point it at a scene folder (e.g. 360_v2/garden).')
+    if os.path.exists(config.checkpoint_dir) and not os.path.isdir(config.checkpoint_dir):
+        raise checkpoints.CheckpointError(f'Config.checkpoint_dir = {config.checkpoint_dir!r} is an existing '
+                                          'file, not a directory; choose another path.')
+    if for_training:
         checkpoints.ensure_dir(config.checkpoint_dir)
-        configs.save_config_str(config.checkpoint_dir)
     return config
+
+
+def ensure_output_dir(path: str, what: str) -> str:
+    """Creates the folder `path` (and its parents) for outputs, with a one-line error naming `what` (e.g.
+    'Config.render_dir') when it cannot be created or written."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if probe and os.path.exists(probe) and not os.path.isdir(probe):
+        raise OutputError(f'Cannot write to {path!r} ({what}): {probe!r} is an existing file, not a folder; '
+                          f'set {what} to another folder.')
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f'Cannot create {path!r} ({what}): {e.strerror}; set {what} to a writable folder.') \
+            from None
+    if not os.access(path, os.W_OK):
+        raise OutputError(f'{path!r} ({what}) is not writable; set {what} to a writable folder.')
+    return path
 
 
 def get_device(config: configs.Config, local_rank: int = 0) -> torch.device:
@@ -88,24 +175,45 @@ def load_dataset(split: str, config: configs.Config, device: torch.device, rank:
     return datasets.load_dataset(split, config.data_dir, config, device=device, rank=rank, world_size=world_size)
 
 
-def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.device,
-                                    required: bool = True, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
-    """Loads the newest checkpoint into `model` (and `optimizer`); returns its step (0 when none and not required)."""
+def require_checkpoint(config: configs.Config) -> str:
+    """The newest checkpoint in `config.checkpoint_dir`, or a CheckpointError saying to train first."""
     path = checkpoints.latest_checkpoint(config.checkpoint_dir)
     if path is None:
-        if required:
-            raise checkpoints.CheckpointError(
-                    f'No checkpoint in {config.checkpoint_dir!r}; train first (python -m train ... with the same flags).')
+        raise checkpoints.CheckpointError(
+            f'No checkpoint in Config.checkpoint_dir = {config.checkpoint_dir!r}; train first (python -m train '
+            'with the same flags), or point Config.checkpoint_dir at the folder train wrote.')
+    return path
+
+
+def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.device,
+                  required: bool = True, optimizer: Optional[torch.optim.Optimizer] = None,
+                  path: Optional[str] = None) -> int:
+    """Loads the newest checkpoint (or `path`) into `model` (and `optimizer`, with RobustNeRF's running loss
+    threshold); returns its step (0 when there is none and it is not `required`)."""
+    if path is None:
+        path = require_checkpoint(config) if required else checkpoints.latest_checkpoint(config.checkpoint_dir)
+    if path is None:
         return 0
     state = checkpoints.load_checkpoint(path, map_location=device)
     try:
         model.load_state_dict(state['model'])
     except RuntimeError as e:
         raise checkpoints.CheckpointError(
-                f'Checkpoint {path} does not match this model ({str(e).splitlines()[0]}); use the gin configs it was '
-                'trained with (see config.gin next to it).') from None
-    if optimizer is not None and 'optimizer' in state:
-        optimizer.load_state_dict(state['optimizer'])
+            f'Checkpoint {path} does not match this model ({str(e).splitlines()[0]}); use the gin configs it was '
+            'trained with (see config.gin next to it).') from None
+    if optimizer is not None:
+        if 'optimizer' not in state:
+            raise checkpoints.CheckpointError(f'Checkpoint {path} has no optimizer state, so training cannot '
+                                              'resume from it; train into a new Config.checkpoint_dir.')
+        try:
+            optimizer.load_state_dict(state['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise checkpoints.CheckpointError(
+                f'Checkpoint {path} holds optimizer state for another model ({one_line(e)}); use the gin configs '
+                'it was trained with (see config.gin next to it).') from None
+        if state.get('robustnerf_loss_threshold') is not None:
+            optimizer.robustnerf_loss_threshold = torch.as_tensor(state['robustnerf_loss_threshold'],
+                                                                  device=device)
     return int(state['step'])
 
 

@@ -20,6 +20,9 @@ import torch
 from mipnerf360 import checkpoints, image, models, raw_utils, ref_utils, utils, vis
 from mipnerf360.cli import common
 
+# Seconds between looks for a new checkpoint when evaluating in a loop (Config.eval_only_once = False).
+_POLL_SECONDS = 10.
+
 
 def _to_numpy(tree):
     return utils.tree_map(lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, tree)
@@ -27,8 +30,7 @@ def _to_numpy(tree):
 
 def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, log=print):
     """Renders every test image, computes the metrics and writes them; returns the metrics.json dict."""
-    postprocess_fn = (dataset.metadata['postprocess_fn'] if config.rawnerf_mode
-                                        else lambda z, *_: z)
+    postprocess_fn = dataset.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
     cc_fun = raw_utils.match_images_affine if config.eval_raw_affine_cc else image.color_correct
     metric_harness = image.MetricHarness()
     if config.eval_save_output:
@@ -42,7 +44,7 @@ def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, 
         batch = dataset.generate_ray_batch(idx)
         with common.no_grad_eval(model):
             rendering = models.render_image(functools.partial(model, train_frac=train_frac, compute_extras=True),
-                                                                            batch.rays, None, config)
+                                            batch.rays, None, config)
         rendering = _to_numpy(rendering)
         batch = _to_numpy(batch)
         render_times.append(time.time() - t0)
@@ -51,7 +53,7 @@ def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, 
         rendering['rgb_cc'] = np.asarray(cc_fun(rendering['rgb'], gt_rgb))
 
         rgb, rgb_cc, rgb_gt = (postprocess_fn(rendering['rgb']), postprocess_fn(rendering['rgb_cc']),
-                                                      postprocess_fn(gt_rgb))
+                               postprocess_fn(gt_rgb))
         if config.eval_quantize_metrics:
             # Metrics on exactly the 8-bit images written to disk.
             rgb = np.round(np.clip(rgb, 0, 1) * 255) / 255
@@ -127,34 +129,40 @@ def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, 
 
 
 def main(unused_argv):
-    config = common.load_config(save_config=False)
+    config = common.load_config(for_training=False)
+    if config.eval_only_once:
+        common.require_checkpoint(config)
+    out_dir = os.path.join(config.checkpoint_dir, 'path_renders' if config.render_path else 'test_preds')
+    common.ensure_output_dir(out_dir, 'Config.checkpoint_dir')
     device = common.get_device(config)
     dataset = common.load_dataset('test', config, device)
     torch.manual_seed(config.seed)
     model = models.Model(config=config).to(device)
-    out_dir = os.path.join(config.checkpoint_dir, 'path_renders' if config.render_path else 'test_preds')
     writer = None
     if not config.eval_only_once:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(config.checkpoint_dir, 'eval'))
     num_steps = config.early_exit_steps if config.early_exit_steps is not None else config.max_steps
     last_step = 0
-    while True:
-        path = checkpoints.latest_checkpoint(config.checkpoint_dir)
-        if path is None and config.eval_only_once:
-            raise checkpoints.CheckpointError(
-                    f'No checkpoint in {config.checkpoint_dir!r}; train first (python -m train ... with the same flags).')
-        step = checkpoints.step_of(path) if path else 0
-        if step <= last_step:
-            print(f'Checkpoint step {step} <= last evaluated step {last_step}; waiting for a new one.', flush=True)
-            time.sleep(10)
-            continue
-        step = common.restore_model(model, config, device)
-        print(f'Evaluating checkpoint at step {step}.', flush=True)
-        evaluate_once(model, dataset, config, step, out_dir, writer)
-        if config.eval_only_once or step >= num_steps:
-            break
-        last_step = step
+    try:
+        while True:
+            path = checkpoints.latest_checkpoint(config.checkpoint_dir)
+            step = checkpoints.step_of(path) if path else 0
+            if step <= last_step:
+                print(f'Checkpoint step {step} <= last evaluated step {last_step}; waiting for a new one.',
+                      flush=True)
+                time.sleep(_POLL_SECONDS)
+                continue
+            step = common.restore_model(model, config, device, path=path)
+            print(f'Evaluating checkpoint {path} (step {step}).', flush=True)
+            evaluate_once(model, dataset, config, step, out_dir, writer)
+            if config.eval_only_once or step >= num_steps:
+                break
+            last_step = step
+    finally:
+        dataset.close()
+        if writer is not None:
+            writer.close()
 
 
 def run(argv=None):

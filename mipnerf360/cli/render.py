@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from mipnerf360 import models, utils, vis
+from mipnerf360 import checkpoints, configs, models, utils, vis
 from mipnerf360.cli import common
 
 
@@ -35,10 +35,10 @@ def write_video(path: str, frames, fps: int, crf: int = 18):
     frames = iter(frames)
     first = _even_pad(next(frames))
     h, w = first.shape[:2]
-    tmp = path + '.tmp.mp4'
+    tmp = f'{path}.tmp{os.getpid()}.mp4'
     writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=fps, codec='libx264', macro_block_size=1,
-                                                                              pix_fmt_in='rgb24', pix_fmt_out='yuv420p',
-                                                                              output_params=['-crf', str(crf)], ffmpeg_log_level='error')
+                                         pix_fmt_in='rgb24', pix_fmt_out='yuv420p',
+                                         output_params=['-crf', str(crf)], ffmpeg_log_level='error')
     writer.send(None)
     writer.send(np.ascontiguousarray(first))
     for frame in frames:
@@ -93,64 +93,62 @@ def create_videos(config, base_dir: str, out_dir: str, out_name: str, num_frames
 
 
 def main(unused_argv):
-    config = common.load_config(save_config=False)
+    config = common.load_config(for_training=False)
+    if not 0 <= config.render_job_id < max(config.render_num_jobs, 1):
+        raise configs.ConfigError(f'Config.render_job_id = {config.render_job_id} must be in '
+                                  f'[0, Config.render_num_jobs = {config.render_num_jobs}).')
+    ckpt_path = common.require_checkpoint(config)
+    step = checkpoints.step_of(ckpt_path)
+    out_name = f"{'path_renders' if config.render_path else 'test_preds'}_step_{step}"
+    base_dir = config.render_dir or os.path.join(config.checkpoint_dir, 'render')
+    out_dir = common.ensure_output_dir(os.path.join(base_dir, out_name),
+                                       'Config.render_dir' if config.render_dir else 'Config.checkpoint_dir')
     device = common.get_device(config)
     dataset = common.load_dataset('test', config, device)
     torch.manual_seed(config.seed)
     model = models.Model(config=config).to(device)
-    step = common.restore_model(model, config, device)
-    print(f'Rendering checkpoint at step {step}.', flush=True)
+    step = common.restore_model(model, config, device, path=ckpt_path)
+    print(f'Rendering checkpoint {ckpt_path} (step {step}) to {out_dir}.', flush=True)
     postprocess_fn = dataset.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
-
-    out_name = f"{'path_renders' if config.render_path else 'test_preds'}_step_{step}"
-    base_dir = config.render_dir or os.path.join(config.checkpoint_dir, 'render')
-    out_dir = os.path.join(base_dir, out_name)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise NotADirectoryError(f'Render output {out_dir!r} is a file; set Config.render_dir to another folder.')
-    os.makedirs(out_dir, exist_ok=True)
     path_fn = lambda x: os.path.join(out_dir, x)
     zpad = max(3, len(str(dataset.size - 1)))
     idx_to_str = lambda i: str(i).zfill(zpad)
 
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=4) if config.render_save_async else None
-    futures = []
-
-    def save_fn(fn, *args):
-        if executor is None:
-            fn(*args)
-        else:
-            futures.append(executor.submit(fn, *args))
-
-    for idx in range(dataset.size):
-        if idx % config.render_num_jobs != config.render_job_id:
-            continue
-        idx_str = idx_to_str(idx)
-        # acc is written last for a frame (below), so its presence means the frame is complete.
-        if os.path.exists(path_fn(f'acc_{idx_str}.tiff')) and os.path.exists(path_fn(f'color_{idx_str}.png')):
-            print(f'Frame {idx + 1}/{dataset.size} already rendered, skipping.', flush=True)
-            continue
-        t0 = time.time()
-        rays = dataset.generate_ray_batch(idx).rays
-        with common.no_grad_eval(model):
-            rendering = models.render_image(functools.partial(model, train_frac=1., compute_extras=True), rays, None,
-                                                                            config)
-        rendering = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in rendering.items()}
-        print(f'Frame {idx + 1}/{dataset.size} rendered in {time.time() - t0:0.2f}s', flush=True)
-        save_fn(utils.save_img_u8, postprocess_fn(rendering['rgb']), path_fn(f'color_{idx_str}.png'))
+    def write_frame(rendering, idx_str):
+        # acc is written last, so its presence marks a complete frame (a killed render redoes the frame).
+        utils.save_img_u8(postprocess_fn(rendering['rgb']), path_fn(f'color_{idx_str}.png'))
         if 'normals' in rendering:
-            save_fn(utils.save_img_u8, rendering['normals'] / 2. + 0.5, path_fn(f'normals_{idx_str}.png'))
-        save_fn(utils.save_img_f32, rendering['distance_mean'], path_fn(f'distance_mean_{idx_str}.tiff'))
-        save_fn(utils.save_img_f32, rendering['distance_median'], path_fn(f'distance_median_{idx_str}.tiff'))
-        if executor is not None:  # acc marks a finished frame: write it after the others have landed.
-            for fut in futures:
-                fut.result()
-            futures.clear()
+            utils.save_img_u8(rendering['normals'] / 2. + 0.5, path_fn(f'normals_{idx_str}.png'))
+        utils.save_img_f32(rendering['distance_mean'], path_fn(f'distance_mean_{idx_str}.tiff'))
+        utils.save_img_f32(rendering['distance_median'], path_fn(f'distance_median_{idx_str}.tiff'))
         utils.save_img_f32(rendering['acc'], path_fn(f'acc_{idx_str}.tiff'))
 
-    if executor is not None:
-        executor.shutdown(wait=True)
-        for fut in futures:
-            fut.result()
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=4) if config.render_save_async else None
+    futures = []
+    try:
+        for idx in range(dataset.size):
+            if idx % config.render_num_jobs != config.render_job_id:
+                continue
+            idx_str = idx_to_str(idx)
+            if os.path.exists(path_fn(f'acc_{idx_str}.tiff')) and os.path.exists(path_fn(f'color_{idx_str}.png')):
+                print(f'Frame {idx + 1}/{dataset.size} already rendered, skipping.', flush=True)
+                continue
+            t0 = time.time()
+            rays = dataset.generate_ray_batch(idx).rays
+            with common.no_grad_eval(model):
+                rendering = models.render_image(functools.partial(model, train_frac=1., compute_extras=True), rays,
+                                                None, config)
+            rendering = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in rendering.items()}
+            print(f'Frame {idx + 1}/{dataset.size} rendered in {time.time() - t0:0.2f}s', flush=True)
+            if executor is None:
+                write_frame(rendering, idx_str)
+            else:
+                futures.append(executor.submit(write_frame, rendering, idx_str))
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True)
+    for fut in futures:
+        fut.result()  # Re-raises a failed write.
 
     num_files = len(glob.glob(path_fn('acc_*.tiff')))
     if num_files == dataset.size:
@@ -158,7 +156,8 @@ def main(unused_argv):
         for v in create_videos(config, base_dir, out_dir, out_name, dataset.size):
             print(f'Wrote {v}', flush=True)
     else:
-        print(f'{num_files}/{dataset.size} frames rendered; videos are made once every job has finished.', flush=True)
+        print(f'{num_files}/{dataset.size} frames rendered; videos are made once every job has finished.',
+              flush=True)
 
 
 def run(argv=None):

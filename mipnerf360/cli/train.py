@@ -1,7 +1,16 @@
 """`python -m train --gin_configs=... --gin_bindings=...`: trains a model, resuming from the newest checkpoint.
 
 Multi-GPU: `torchrun --nproc_per_node=N -m train ...` (DDP; NCCL on GPUs, gloo on CPU). Each rank draws
-`batch_size / N` rays per step from its own stream, so the global batch matches a single-process run.
+`batch_size / N` rays per step from its own stream (the dataset is built with the rank and world size), and
+DDP averages the gradients, so one step sees a global batch of `batch_size` rays as a single-process run does.
+
+Resuming is exact: the batch and the sampling randomness of a step are pure functions of (seed, step, rank),
+and a checkpoint holds the model, the Adam state and the step, so a run stopped at step k and resumed to n
+ends with the same parameters as a run straight to n (on the same device and thread count).
+
+Stopping: SIGTERM or a first Ctrl-C finishes the current step, saves a checkpoint and exits with status 0;
+a second Ctrl-C stops at once (exit 130), leaving the newest checkpoint on disk as it was. Checkpoints are
+written atomically, so a SIGKILL never leaves a partial newest checkpoint.
 """
 
 from __future__ import annotations
@@ -10,77 +19,112 @@ import functools
 import os
 import signal
 import time
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 
-from mipnerf360 import checkpoints, image, models, train_utils, utils, vis
+from mipnerf360 import checkpoints, configs, image, models, train_utils, utils, vis
 from mipnerf360.cli import common
+
+# Under DDP the ranks agree on stopping (SIGTERM) every this many steps (a collective and a host sync).
+_STOP_CHECK_EVERY_DDP = 10
 
 
 def _step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
-    """The model's sampling randomness for one step: a pure function of (seed, step, rank), so resumes are exact."""
+    """The model's sampling randomness for one step: a pure function of (seed, step, rank) (exact resumes)."""
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + 0x5EED) % (2**63 - 1))
     return g
 
 
 class _Stopper:
-    """Turns SIGTERM into a flag checked between steps, so the loop can save a checkpoint and exit cleanly."""
+    """SIGTERM and a first SIGINT set a flag checked between steps (the loop saves a checkpoint and exits);
+    a second SIGINT raises KeyboardInterrupt at once. Handlers are restored by `uninstall`."""
 
     def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # Not the main thread (e.g. called from a test harness).
-            pass
+        self.requested: Optional[str] = None
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # Not the main thread (e.g. a test harness): no graceful stop.
+                pass
+
+    def uninstall(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handler(self, signum, frame):  # pylint: disable=unused-argument
-        self.requested = True
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
 
 
-def _unwrap(model):
-    return model.module if hasattr(model, 'module') else model
+def _cameras_on_device(cameras: Tuple[Any, ...], device: torch.device) -> Tuple[Any, ...]:
+    """The dataset's (pixtocams, camtoworlds, distortion_params, pixtocam_ndc) as float32 tensors on `device`
+    (once, rather than a host-to-device copy in every train step)."""
+    def conv(x):
+        if x is None or isinstance(x, (int, float)):
+            return x
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
+    return tuple(conv(x) for x in cameras)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    import torch.distributed as dist
+    t = torch.tensor([1. if flag else 0.], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def main(unused_argv):
     rank, world_size, local_rank = common.distributed_env()
-    config = common.load_config(save_config=(rank == 0))
+    config = common.load_config(for_training=True)
     device = common.get_device(config, local_rank)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        import torch.distributed as dist
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-        if config.batch_size % world_size:
-            raise ValueError(f'Config.batch_size = {config.batch_size} must be divisible by the number of processes '
-                                              f'({world_size}).')
+    if world_size > 1 and config.batch_size % world_size:
+        raise configs.ConfigError(f'Config.batch_size = {config.batch_size} must be divisible by the number of '
+                                  f'processes ({world_size}).')
 
+    # Build and restore everything before writing anything, so a bad checkpoint or dataset loses nothing.
     dataset = common.load_dataset('train', config, device, rank, world_size)
-    test_dataset = common.load_dataset('test', config, device) if rank == 0 else None
-
+    test_dataset = (common.load_dataset('test', config, device)
+                    if rank == 0 and config.train_render_every > 0 else None)
     torch.manual_seed(config.seed)  # Identical initial weights on every rank.
     model = models.Model(config=config).to(device)
     base_model = model
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if base_model.num_glo_features > 0 and dataset.size > base_model.num_glo_embeddings:
-        raise ValueError(f'Model.num_glo_embeddings = {base_model.num_glo_embeddings} is smaller than the number of '
-                                          f'training images ({dataset.size}); raise it with --gin_bindings.')
+        raise configs.ConfigError(f'Model.num_glo_embeddings = {base_model.num_glo_embeddings} is smaller than '
+                                  f'the number of training images ({dataset.size}); raise it with --gin_bindings.')
     optimizer, lr_fn = train_utils.create_optimizer(config, model)
     last_step = common.restore_model(model, config, device, required=False, optimizer=optimizer)
     init_step = last_step + 1
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == 'cuda' else None)
-
     num_steps = config.early_exit_steps if config.early_exit_steps is not None else config.max_steps
     is_main = rank == 0
+    if is_main:
+        configs.save_config_str(config.checkpoint_dir)  # After the model is built: holds its bindings too.
+
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        # Broadcasts rank 0's parameters, so every rank starts from the same (restored) weights.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+
     writer = log_file = None
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(config.checkpoint_dir)
         log_file = open(os.path.join(config.checkpoint_dir, 'train_log.txt'), 'a')
-    metric_harness = image.MetricHarness() if is_main else None
+    metric_harness = image.MetricHarness() if test_dataset is not None else None
 
     def log(msg: str):
         if is_main:
@@ -88,28 +132,37 @@ def main(unused_argv):
             log_file.write(msg + '\n')
             log_file.flush()
 
-    log(f'Training on {device} ({world_size} process(es)); {num_params} parameters; '
-            f'{dataset.size} training images; steps {init_step}..{num_steps}.')
+    log(f'Training on {device} ({world_size} process(es), {config.batch_size // world_size} rays each); '
+        f'{num_params} parameters; {dataset.size} training images; steps {init_step}..{num_steps}.')
 
     def save(step: int):
         if is_main:
             state = {'model': base_model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
-                              'seed': config.seed}
+                     'seed': config.seed}
+            threshold = getattr(optimizer, 'robustnerf_loss_threshold', None)
+            if threshold is not None:
+                state['robustnerf_loss_threshold'] = torch.as_tensor(threshold).detach().cpu()
             path = checkpoints.save_checkpoint(config.checkpoint_dir, state, step, keep=config.checkpoints_to_keep)
             log(f'Saved checkpoint {path}')
 
-    stopper = _Stopper()
-    cameras = getattr(dataset, 'cameras', None)
+    cameras = dataset.cameras
+    if config.cast_rays_in_train_step:
+        cameras = _cameras_on_device(cameras, device)
     precision = int(np.ceil(np.log10(max(config.max_steps, 2)))) + 1
     stats_buffer = []
     window_start, window_steps = time.time(), 0
+    last_saved = last_step
     step = init_step - 1
+    stopper = _Stopper()
+    stopper.install()
+    dataset.set_start_step(init_step)  # The prefetch thread serves the batches of init_step, init_step + 1, ...
     try:
         for step in range(init_step, num_steps + 1):
-            batch = dataset.get_train_batch(step)
+            batch = next(dataset)
             train_frac = float(np.clip((step - 1) / max(config.max_steps - 1, 1), 0, 1))
             rng = _step_generator(device, config.seed, step, rank) if config.randomized else None
-            stats = train_utils.train_step(model, optimizer, lr_fn, batch, cameras, train_frac, step, config, rng)
+            stats = train_utils.train_step(model, optimizer, lr_fn, batch, cameras, train_frac, step, config, rng,
+                                           camtype=dataset.camtype)
             window_steps += 1
             if is_main:
                 stats_buffer.append(stats)
@@ -128,33 +181,45 @@ def main(unused_argv):
                 writer.add_scalar('train_rays_per_sec', rays_per_sec, step)
                 writer.add_scalar('train_num_params', num_params, step)
                 losses = ', '.join(f'{k[7:11]}={v:0.5f}' if 1e-4 <= v < 10 else f'{k[7:11]}={v:0.1e}'
-                                                      for k, v in avg.items() if k.startswith('losses/'))
+                                   for k, v in avg.items() if k.startswith('losses/'))
                 remaining = (num_steps - step) / max(steps_per_sec, 1e-9)
                 log(f'{step:{precision}d}/{config.max_steps:d}: loss={avg["loss"]:0.5f}, psnr={avg["psnr"]:6.3f}, '
-                        f'lr={lr:0.2e} | {losses}, {rays_per_sec:0.0f} r/s, ETA {remaining / 60:0.1f} min')
+                    f'lr={lr:0.2e} | {losses}, {rays_per_sec:0.0f} r/s, ETA {remaining / 60:0.1f} min')
                 stats_buffer = []
                 window_start, window_steps = time.time(), 0
 
             if step % config.checkpoint_every == 0 or step == num_steps:
                 save(step)
+                last_saved = step
 
             if (is_main and config.train_render_every > 0 and step % config.train_render_every == 0
                     and test_dataset is not None):
                 _render_test_view(base_model, test_dataset, config, writer, metric_harness, train_frac, step, log)
                 window_start = time.time()  # Don't count the render in rays/s.
 
-            if stopper.requested:
-                log(f'Stop requested at step {step}; saving a checkpoint.')
-                if step % config.checkpoint_every != 0 and step != num_steps:
+            stop = stopper.requested is not None
+            if world_size > 1:
+                stop = step % _STOP_CHECK_EVERY_DDP == 0 and _any_rank(stop, device)
+            if stop and step < num_steps:
+                log(f'Stop requested ({stopper.requested or "by another rank"}) at step {step}; '
+                    'resume with the same command.')
+                if last_saved != step:
                     save(step)
+                    last_saved = step
                 break
+        else:
+            if init_step > num_steps:
+                log(f'Nothing to do: the newest checkpoint is at step {last_step} >= {num_steps}.')
+            else:
+                log(f'Finished training at step {num_steps}.')
     except KeyboardInterrupt:
-        completed = step - 1 if step >= init_step else init_step - 1  # `step` may be half done.
-        if completed >= init_step:
-            log(f'Interrupted; saving a checkpoint at step {completed}.')
-            save(completed)
-        raise SystemExit(130)
+        log(f'Interrupted during step {step}; the newest checkpoint on disk is step {last_saved}.')
+        raise SystemExit(130) from None
     finally:
+        stopper.uninstall()
+        dataset.close()
+        if test_dataset is not None:
+            test_dataset.close()
         if is_main:
             writer.close()
             log_file.close()
@@ -169,7 +234,7 @@ def _render_test_view(model, test_dataset, config, writer, metric_harness, train
     test_case = next(test_dataset)
     with common.no_grad_eval(model):
         rendering = models.render_image(functools.partial(model, train_frac=train_frac, compute_extras=True),
-                                                                        test_case.rays, None, config)
+                                        test_case.rays, None, config)
     rendering = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in rendering.items()}
     num_rays = int(np.prod(rendering['rgb'].shape[:-1]))
     eval_time = time.time() - t0
@@ -180,7 +245,7 @@ def _render_test_view(model, test_dataset, config, writer, metric_harness, train
         if val is not None and np.isfinite(val):
             writer.add_scalar(f'train_metrics/{name}', val, step)
     log(f'Eval {step}: {eval_time:0.2f}s, {num_rays / eval_time:0.0f} rays/s, ' +
-            ', '.join(f'{k}={v:.4f}' for k, v in metric.items() if v is not None and np.isfinite(v)))
+        ', '.join(f'{k}={v:.4f}' for k, v in metric.items() if v is not None and np.isfinite(v)))
     suite = vis.visualize_suite(rendering, gt.rays)
     writer.add_image('test_true_color', np.clip(gt.rgb, 0, 1), step, dataformats='HWC')
     for k, v in suite.items():
