@@ -18,10 +18,12 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import time
 from typing import Any, Optional, Tuple
 
 import numpy as np
+import tqdm
 import torch
 
 from mipnerf360 import checkpoints, configs, image, models, train_utils, utils, vis
@@ -126,9 +128,16 @@ def main(unused_argv):
         log_file = open(os.path.join(config.checkpoint_dir, 'train_log.txt'), 'a')
     metric_harness = image.MetricHarness() if test_dataset is not None else None
 
+    # A live progress bar (loss, PSNR, rays/s, ETA) when stderr is a terminal; plain log lines always.
+    bar = tqdm.tqdm(total=max(num_steps - init_step + 1, 0), initial=0, unit='step', dynamic_ncols=True,
+                    disable=not (is_main and sys.stderr.isatty()), leave=False)
+
     def log(msg: str):
         if is_main:
-            print(msg, flush=True)
+            if bar.disable:
+                print(msg, flush=True)
+            else:
+                bar.write(msg, file=sys.stdout)
             log_file.write(msg + '\n')
             log_file.flush()
 
@@ -164,6 +173,7 @@ def main(unused_argv):
             stats = train_utils.train_step(model, optimizer, lr_fn, batch, cameras, train_frac, step, config, rng,
                                            camtype=dataset.camtype)
             window_steps += 1
+            bar.update(1)
             if is_main:
                 stats_buffer.append(stats)
 
@@ -185,6 +195,8 @@ def main(unused_argv):
                 remaining = (num_steps - step) / max(steps_per_sec, 1e-9)
                 log(f'{step:{precision}d}/{config.max_steps:d}: loss={avg["loss"]:0.5f}, psnr={avg["psnr"]:6.3f}, '
                     f'lr={lr:0.2e} | {losses}, {rays_per_sec:0.0f} r/s, ETA {remaining / 60:0.1f} min')
+                bar.set_postfix_str(f'loss={avg["loss"]:0.4f} psnr={avg["psnr"]:0.2f} {rays_per_sec:0.0f} r/s',
+                                    refresh=False)
                 stats_buffer = []
                 window_start, window_steps = time.time(), 0
 
@@ -216,6 +228,7 @@ def main(unused_argv):
         log(f'Interrupted during step {step}; the newest checkpoint on disk is step {last_saved}.')
         raise SystemExit(130) from None
     finally:
+        bar.close()
         stopper.uninstall()
         dataset.close()
         if test_dataset is not None:
