@@ -18,11 +18,13 @@ import torch
 Number = Union[float, int]
 
 
-def _reduced_fp32_matmul(device: torch.device) -> bool:
-    """Whether a float32 `torch.matmul` on `device` may currently run at reduced (TF32 / bf16) precision."""
+@torch.compiler.assume_constant_result
+def _reduced_fp32_matmul(device_type: str) -> bool:
+    """Whether a float32 `torch.matmul` on a `device_type` device may currently run at reduced (TF32 / bf16)
+    precision. (torch.compile reads the global settings once, when it traces.)"""
     if torch.get_float32_matmul_precision() != 'highest':
         return True
-    return device.type == 'cuda' and bool(torch.backends.cuda.matmul.allow_tf32)
+    return device_type == 'cuda' and bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -36,18 +38,36 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         [..., i, k] product (batch dims broadcast as in `torch.matmul`).
     """
     with torch.autocast(device_type=a.device.type, enabled=False):
-        if a.dtype == torch.float32 and a.dim() >= 2 and b.dim() >= 2 and _reduced_fp32_matmul(a.device):
+        if a.dtype == torch.float32 and a.dim() >= 2 and b.dim() >= 2 and _reduced_fp32_matmul(a.device.type):
             # Elementwise products and sums never use TF32, so this is exact float32 arithmetic.
             return torch.sum(a[..., :, :, None] * b[..., None, :, :], dim=-2)
         return torch.matmul(a, b)
 
 
-def safe_trig_helper(x: torch.Tensor, fn, t: float = 100 * pymath.pi) -> torch.Tensor:
-    """Apply `fn` (sin or cos) to x, first reducing x modulo t wherever |x| >= t.
+SAFE_TRIG_PERIOD = 100 * pymath.pi  # Sine / cosine arguments at least this large are reduced modulo it.
+
+
+def reduce_trig_arg(x: torch.Tensor, t: float = SAFE_TRIG_PERIOD) -> torch.Tensor:
+    """x where |x| < t, else x mod t (in [0, t)), with t rounded to x's dtype as the reference does.
+
+    `torch.remainder` on floating-point tensors is computed from the exact `fmod`, so x mod t is exact (for
+    that rounded t). Differentiable (the derivative is 1 almost everywhere).
+
+    Args:
+        x: [...] tensor.
+        t: the reduction period.
+
+    Returns:
+        [...] reduced tensor.
+    """
+    return torch.where(torch.abs(x) < t, x, torch.remainder(x, t))
+
+
+def safe_trig_helper(x: torch.Tensor, fn, t: float = SAFE_TRIG_PERIOD) -> torch.Tensor:
+    """Apply `fn` (sin or cos) to x, first reducing x modulo t wherever |x| >= t (see `reduce_trig_arg`).
 
     Large arguments are reduced because sin / cos of huge values can be inaccurate or NaN on some
-    accelerators. The reduction uses t rounded to x's dtype, as the reference does; `torch.remainder` on
-    floating-point tensors is computed from the exact `fmod`, so x mod t is exact (for that rounded t).
+    accelerators.
 
     Args:
         x: [...] tensor.
@@ -57,7 +77,7 @@ def safe_trig_helper(x: torch.Tensor, fn, t: float = 100 * pymath.pi) -> torch.T
     Returns:
         [...] fn(x), or fn(x mod t) where |x| >= t.
     """
-    return fn(torch.where(torch.abs(x) < t, x, torch.remainder(x, t)))
+    return fn(reduce_trig_arg(x, t))
 
 
 def safe_cos(x: torch.Tensor) -> torch.Tensor:

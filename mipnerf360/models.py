@@ -116,6 +116,50 @@ def _relu(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x)
 
 
+def _activate(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn(x), in place for the default ReLU. x must be a fresh 2D layer output that nothing else holds and that
+    is not a view (autograd allows this: a linear layer does not keep its output, and ReLU's backward needs only
+    its result; in-place ops on views would make autograd copy)."""
+    return F.relu_(x) if fn is _relu else fn(x)
+
+
+def _split_linear(layer: nn.Linear, parts: List[torch.Tensor]) -> torch.Tensor:
+    """layer(torch.cat(parts, -1)) without forming the concatenation.
+
+    Each part [..., c_i] meets its own column block of the weight; the parts' leading dimensions broadcast
+    against each other, so a per-ray part [..., 1, c] is multiplied once per ray rather than once per sample.
+    The result equals the concatenated product up to float rounding (the sum is split into partial sums), and
+    no gradient is computed for parts that do not require one (e.g. the positional encoding).
+
+    Args:
+        layer: a linear layer with in_features == sum(c_i).
+        parts: tensors [..., c_i].
+
+    Returns:
+        [..., out_features], the broadcast of the parts' leading dimensions.
+    """
+    widths = [p.shape[-1] for p in parts]
+    if sum(widths) != layer.in_features:
+        raise ValueError(f'Parts of widths {widths} do not add up to the layer input width {layer.in_features}.')
+    # Contiguous copies of the (small) column blocks: the backward of a product with a strided weight block would
+    # form its gradient in a slower orientation.
+    weights = [w.contiguous() for w in torch.split(layer.weight, widths, dim=1)]
+    # The part with the most rows (the widest among those) first, with the bias; the others accumulate into that
+    # fresh buffer. (linear's backward forms the weight gradient in the faster orientation, so the wide part
+    # goes there.)
+    order = sorted(range(len(parts)), key=lambda i: (-parts[i][..., 0].numel(), -widths[i]))
+    out = F.linear(parts[order[0]], weights[order[0]], layer.bias)
+    for i in order[1:]:
+        x, weight = parts[i], weights[i]
+        if x.shape[:-1] == out.shape[:-1]:
+            # One matrix product that adds onto `out` (addmm's C), rather than a product and a sum.
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
+            out = flat.reshape(out.shape)
+        else:
+            out = out + F.linear(x, weight)
+    return out
+
+
 class MLP(nn.Module):
     """A (integrated) positional-encoding MLP, as the reference's `MLP`.
 
@@ -288,17 +332,30 @@ class MLP(nn.Module):
         Returns:
             raw_density: [...]; features: [..., feature_dim].
         """
+        mean_bound = None
         if self.warp_fn is not None:
             means, covs = coord.track_linearize(self.warp_fn, means, covs)
+            if coord._is_contract(self.warp_fn):  # pylint: disable=protected-access
+                # Contracted points lie in the ball of radius 2 and the basis directions are unit vectors.
+                mean_bound = 2.0
         basis = self.pos_basis_t.to(means.dtype)
         lifted_means, lifted_vars = coord.lift_and_diagonalize(means, covs, basis)
-        x = coord.integrated_pos_enc(lifted_means, lifted_vars, self.min_deg_point, self.max_deg_point)
+        x = coord.integrated_pos_enc(lifted_means, lifted_vars, self.min_deg_point, self.max_deg_point,
+                                     mean_bound=mean_bound)
+        sample_shape = x.shape[:-1]
+        # The trunk works on rows [num_samples, width]: 2D layer outputs are fresh tensors (not views), so the
+        # default ReLU can run in place on them.
+        x = x.reshape(-1, x.shape[-1])
         inputs = x
+        skip_pending = False  # Whether the next layer reads [x, inputs] (the skip connection).
         for i, layer in enumerate(self.trunk):
-            x = self.net_activation(layer(x))
-            if i % self.skip_layer == 0 and i > 0:
-                x = torch.cat([x, inputs], dim=-1)
-        raw_density = self.density_layer(x)[..., 0]
+            y = _split_linear(layer, [x, inputs]) if skip_pending else layer(x)
+            x = _activate(self.net_activation, y)
+            skip_pending = i % self.skip_layer == 0 and i > 0
+            if skip_pending and i == len(self.trunk) - 1:
+                x = torch.cat([x, inputs], dim=-1)  # The features themselves include the encoding.
+        raw_density = self.density_layer(x)[..., 0].reshape(sample_shape)
+        x = x.reshape(sample_shape + x.shape[-1:])
         if rng is not None and self.density_noise > 0:
             noise = torch.randn(raw_density.shape, generator=rng, device=raw_density.device,
                                 dtype=raw_density.dtype)
@@ -391,22 +448,30 @@ class MLP(nn.Module):
                     if self.use_directional_enc:
                         dir_enc = self.dir_enc_fn(viewdirs[..., None, :].expand(sample_shape + (3,)), roughness)
                     else:
+                        # One encoding per ray ([..., 1, c]), broadcast over the samples below.
                         dir_enc = self.dir_enc_fn(viewdirs, roughness)[..., None, :]
-                    dir_enc = dir_enc.expand(sample_shape + dir_enc.shape[-1:])
                 parts.append(dir_enc)
 
                 if self.use_n_dot_v:
                     parts.append(torch.sum(normals_to_use * viewdirs[..., None, :], dim=-1, keepdim=True))
 
                 if glo_vec is not None:
-                    parts.append(glo_vec[..., None, :].expand(sample_shape + glo_vec.shape[-1:]))
+                    parts.append(glo_vec[..., None, :])
 
-                x = torch.cat(parts, dim=-1)
-                inputs = x
-                for i, layer in enumerate(self.viewdir_layers):
-                    x = self.net_activation(layer(x))
-                    if i % self.skip_layer_dir == 0 and i > 0:
-                        x = torch.cat([x, inputs], dim=-1)
+                has_dir_skip = len(self.viewdir_layers) > self.skip_layer_dir
+                if len(self.viewdir_layers) == 0 or has_dir_skip:
+                    x = torch.cat([p.expand(sample_shape + p.shape[-1:]) for p in parts], dim=-1)
+                    inputs = x
+                    for i, layer in enumerate(self.viewdir_layers):
+                        x = self.net_activation(layer(x))
+                        if i % self.skip_layer_dir == 0 and i > 0:
+                            x = torch.cat([x, inputs], dim=-1)
+                else:
+                    # No skip connection: the first layer takes the parts one by one (per-ray parts once per
+                    # ray) instead of their per-sample concatenation.
+                    x = self.net_activation(_split_linear(self.viewdir_layers[0], parts))
+                    for layer in self.viewdir_layers[1:]:
+                        x = self.net_activation(layer(x))
             else:
                 raw_rgb_diffuse = tint = None
 

@@ -34,6 +34,24 @@ def _expand_leading(a: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, tor
     return a.expand(*lead, a.shape[-1]).contiguous(), v.expand(*lead, v.shape[-1]).contiguous()
 
 
+def _clip_to_domain(x: torch.Tensor, domain: Tuple[Union[None, float, torch.Tensor],
+                                                  Union[None, float, torch.Tensor]]) -> torch.Tensor:
+    """x clipped to [domain[0], domain[1]] (None: unbounded on that side); bounds may be numbers or tensors.
+
+    Numbers are applied as scalars, so nothing is copied from the host to the device. NaNs propagate.
+    """
+    lo, hi = domain
+    if isinstance(lo, torch.Tensor):
+        x = torch.maximum(x, lo.to(x.dtype))
+    elif lo is not None:
+        x = torch.clamp_min(x, lo)
+    if isinstance(hi, torch.Tensor):
+        x = torch.minimum(x, hi.to(x.dtype))
+    elif hi is not None:
+        x = torch.clamp_max(x, hi)
+    return x
+
+
 def searchsorted(a: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Bracketing indices of each query v in the sorted sequence a.
 
@@ -66,7 +84,8 @@ def query(tq: torch.Tensor, t: torch.Tensor, y: torch.Tensor, outside_value: flo
     idx_lo, idx_hi = searchsorted(t, tq)
     y = y.expand(*idx_lo.shape[:-1], y.shape[-1])
     yq = torch.gather(y, -1, torch.clamp_max(idx_lo, y.shape[-1] - 1))
-    return torch.where(idx_lo == idx_hi, torch.as_tensor(outside_value, dtype=yq.dtype, device=yq.device), yq)
+    # A Python scalar in torch.where needs no host-to-device copy.
+    return torch.where(idx_lo == idx_hi, outside_value, yq)
 
 
 def inner_outer(t0: torch.Tensor, t1: torch.Tensor, y1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -188,9 +207,7 @@ def max_dilate(t: torch.Tensor,
     t0 = t[..., :-1] - dilation
     t1 = t[..., 1:] + dilation
     t_dilate, _ = torch.sort(torch.cat([t, t0, t1], dim=-1), dim=-1)
-    lo_d = torch.as_tensor(domain[0], dtype=t.dtype, device=t.device)
-    hi_d = torch.as_tensor(domain[1], dtype=t.dtype, device=t.device)
-    t_dilate = torch.clamp(t_dilate, lo_d, hi_d)
+    t_dilate = _clip_to_domain(t_dilate, domain)
     # Bins with t0[j] <= x are j < a; bins with t1[j] > x are j >= b (t0 and t1 are both sorted).
     lead = torch.broadcast_shapes(t_dilate.shape[:-1], w.shape[:-1])
     t_q = t_dilate[..., :-1].expand(*lead, t_dilate.shape[-1] - 1).contiguous()
@@ -343,10 +360,8 @@ def sample_intervals(rng: Optional[torch.Generator],
     centers = sample(rng, t, w_logits, num_samples, single_jitter, deterministic_center=True,
                      use_gpu_resampling=use_gpu_resampling)
     mid = (centers[..., 1:] + centers[..., :-1]) / 2
-    minval = torch.as_tensor(domain[0], dtype=centers.dtype, device=centers.device)
-    maxval = torch.as_tensor(domain[1], dtype=centers.dtype, device=centers.device)
-    first = torch.maximum(minval, 2 * centers[..., :1] - mid[..., :1])
-    last = torch.minimum(maxval, 2 * centers[..., -1:] - mid[..., -1:])
+    first = _clip_to_domain(2 * centers[..., :1] - mid[..., :1], (domain[0], None))
+    last = _clip_to_domain(2 * centers[..., -1:] - mid[..., -1:], (None, domain[1]))
     return torch.cat([first, mid, last], dim=-1)
 
 
@@ -396,7 +411,11 @@ def weighted_percentile(t: torch.Tensor, w: torch.Tensor, ps: Sequence[float]) -
         [..., len(ps)] the points where the piecewise-linear CDF reaches each ps / 100.
     """
     cw = integrate_weights(w)
-    x = torch.as_tensor(ps, dtype=cw.dtype, device=cw.device) / 100
+    # Filled entry by entry from Python numbers: no host-to-device copy (which would synchronise a GPU).
+    x = torch.empty(len(ps), dtype=cw.dtype, device=cw.device)
+    for i, p in enumerate(ps):
+        x[i] = p
+    x = x / 100
     return math.interp(x.expand(*cw.shape[:-1], x.shape[-1]), cw, t)
 
 

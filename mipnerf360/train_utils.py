@@ -314,7 +314,9 @@ def train_step(model: nn.Module,
     if config.weight_decay_mults:
         losses['weight'] = sum(m * weight_l2(base, k) for k, m in config.weight_decay_mults.items())
 
-    loss = torch.stack([torch.as_tensor(v, dtype=data_loss.dtype, device=data_loss.device)
+    # Python numbers become device tensors by a fill, not a host-to-device copy (which would synchronise a GPU).
+    loss = torch.stack([v.to(data_loss.dtype) if isinstance(v, torch.Tensor)
+                        else torch.full((), v, dtype=data_loss.dtype, device=data_loss.device)
                         for v in losses.values()]).sum()
 
     optimizer.zero_grad(set_to_none=True)

@@ -194,3 +194,17 @@ def save_img_f32(depthmap: np.ndarray, pth: str):
     """Saves a single-channel float image (e.g. a depth map) as a float32 TIFF (written atomically)."""
     arr = np.nan_to_num(np.asarray(depthmap)).astype(np.float32)
     _atomic_save(pth, lambda p: Image.fromarray(arr).save(p, 'TIFF'))
+
+
+def tune_glibc_malloc() -> bool:
+    """Keeps freed memory in the process (glibc only): serve large blocks from the heap rather than fresh mmaps,
+    and never trim the heap. Without this every large tensor of a training step is a fresh mapping whose pages
+    the kernel faults in and zeroes again (high `sys` time). Same effect as starting Python with
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647. Returns whether it took effect."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))

@@ -1,0 +1,113 @@
+"""Throughput of the real training step (`train_utils.train_step`) for a gin config.
+
+    python bench/bench_train.py --gin_configs=configs/demo.gin [--gin_bindings=...] [--device=cpu|cuda]
+        [--steps=10 --warmup=3] [--compile=none|model|mlp] [--amp] [--append]
+
+Rays are drawn from cameras around the generated scene of `mipnerf360.synthetic` (targets ray-traced there),
+a few different batches in turn. Prints one line: ms/step (median over --steps after --warmup), rays/s, peak
+memory (process RSS on CPU, torch.cuda.max_memory_allocated on GPU). --append also records it in
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+from mipnerf360 import utils  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--gin_configs', nargs='+', default=['configs/demo.gin'])
+    p.add_argument('--gin_bindings', nargs='*', default=[])
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--batch_size', type=int, default=None, help='overrides Config.batch_size')
+    p.add_argument('--steps', type=int, default=10, help='timed steps')
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps first')
+    p.add_argument('--num_batches', type=int, default=4, help='distinct batches cycled through')
+    p.add_argument('--compile', choices=['none', 'model', 'mlp'], default='none',
+                   help='torch.compile the whole Model or only its MLPs')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast around the step')
+    p.add_argument('--malloc_tune', action='store_true',
+                   help='keep freed memory in the process (glibc mallopt; see utils.tune_glibc_malloc)')
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--append', action='store_true', help='append the result to bench/RESULTS.md')
+    p.add_argument('--label', default='', help='free text recorded with --append')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.malloc_tune and not utils.tune_glibc_malloc():
+        print('warning: --malloc_tune had no effect (not glibc?)', file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mipnerf360 import models, train_utils
+    config = benchlib.load_config(args.gin_configs, args.gin_bindings)
+    device = torch.device(args.device)
+    batch_size = args.batch_size or config.batch_size
+
+    torch.manual_seed(args.seed)
+    model = models.Model(config=config).to(device)
+    model.train()
+    optimizer, lr_fn = train_utils.create_optimizer(config, model)
+    if args.compile == 'model':
+        model.compile()
+    elif args.compile == 'mlp':
+        for mlp in (model.nerf_mlp, model.prop_mlp):
+            if mlp is not None:
+                mlp.compile()
+
+    batches = [benchlib.scene_rays(batch_size, config, device, seed=args.seed + i)
+               for i in range(args.num_batches)]
+    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.amp
+           else contextlib.nullcontext())
+    losses = []
+
+    def step(i: int) -> None:
+        rng = torch.Generator(device=device)
+        rng.manual_seed(args.seed * 7919 + i)
+        train_frac = min(i / max(config.max_steps - 1, 1), 1.)
+        with amp:
+            stats = train_utils.train_step(model, optimizer, lr_fn, batches[i % len(batches)], None, train_frac,
+                                           i + 1, config, rng)
+        losses.append(stats['loss'])
+
+    benchlib.reset_peak_memory(device)
+    cpu_times = []
+    times = benchlib.time_calls(step, device, args.warmup, args.steps, cpu_times)
+    cpu_ms = 1e3 * benchlib.median(cpu_times)
+    ms = 1e3 * benchlib.median(times)
+    rays_per_s = batch_size / (ms / 1e3)
+    mem = benchlib.peak_memory_mib(device)
+    final_loss = float(losses[-1])
+    cfg = '+'.join(os.path.basename(c) for c in args.gin_configs)
+    flags = (f"compile={args.compile}{' amp=bf16' if args.amp else ''}"
+             f"{' malloc_tune' if args.malloc_tune else ''} threads={torch.get_num_threads()}")
+    line = (f'train_step {cfg} device={device.type} batch={batch_size} {flags}: {ms:.1f} ms/step (median of '
+            f'{args.steps}, min {1e3 * min(times):.1f}; CPU time {cpu_ms:.1f} ms/step), {rays_per_s:.0f} rays/s, '
+            f'peak '
+            f"{'GPU mem' if device.type == 'cuda' else 'RSS'} {mem:.0f} MiB, last loss {final_loss:.6f}")
+    print(line, flush=True)
+    if args.append:
+        mem_kind = 'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'RSS'
+        benchlib.append_result(
+            f"train_step, {cfg}{' ' + args.label if args.label else ''}", device,
+            {'ms/step (median)': f'{ms:.1f} (min {1e3 * min(times):.1f}, {args.steps} steps after {args.warmup} '
+                                  'warm-up)',
+             'CPU time/step (median, all threads)': f'{cpu_ms:.1f} ms',
+             'rays/s': f'{rays_per_s:.0f}', 'batch': str(batch_size), 'flags': flags,
+             'peak memory': f'{mem:.0f} MiB ({mem_kind})'})
+    return ms
+
+
+if __name__ == '__main__':
+    main()

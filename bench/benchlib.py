@@ -1,0 +1,142 @@
+"""Shared helpers of the benchmark scripts: config loading, a generated scene's rays, timing and reporting."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_MD = os.path.join(REPO_ROOT, 'bench', 'RESULTS.md')
+
+
+def load_config(gin_configs: Sequence[str], gin_bindings: Sequence[str]):
+    """Parses gin files (paths relative to the repository root allowed) and bindings; returns the Config."""
+    import gin
+    from mipnerf360 import configs
+    gin.clear_config()
+    return configs.load_config(save_config=False, gin_configs=list(gin_configs), gin_bindings=list(gin_bindings))
+
+
+def scene_rays(num_rays: int, config, device: torch.device, seed: int = 0, width: int = 128, height: int = 96,
+               with_rgb: bool = True):
+    """`num_rays` rays through random pixels of cameras on a ring around the generated scene (`synthetic`),
+    with the ray-traced colours as targets. Returns a `utils.Batch` on `device` (float32)."""
+    from mipnerf360 import camera_utils, synthetic, utils
+    rng = np.random.default_rng(seed)
+    poses = synthetic.ring_poses(16, seed=seed)
+    pixtocam = np.linalg.inv(synthetic.intrinsics(1.1 * width, width, height))
+    cam = rng.integers(0, len(poses), num_rays)
+    px = rng.integers(0, width, num_rays)
+    py = rng.integers(0, height, num_rays)
+    c2w = torch.as_tensor(poses[cam], dtype=torch.float32)
+    origins, directions, viewdirs, radii, imageplane = camera_utils.pixels_to_rays(
+        torch.as_tensor(px), torch.as_tensor(py), torch.as_tensor(pixtocam, dtype=torch.float32), c2w,
+        xnp=torch)
+    ones = torch.ones(num_rays, 1)
+    rays = utils.Rays(origins=origins.float(), directions=directions.float(), viewdirs=viewdirs.float(),
+                      radii=radii.float(), imageplane=imageplane.float(), lossmult=ones,
+                      near=ones * config.near, far=ones * config.far,
+                      cam_idx=torch.as_tensor(cam)[:, None].long())
+    rgb = None
+    if with_rgb:
+        rgb_np, _, _ = synthetic.trace(origins.double().numpy(), directions.double().numpy())
+        rgb = torch.as_tensor(rgb_np, dtype=torch.float32)
+    return utils.Batch(rays=rays, rgb=rgb).to(device)
+
+
+def image_rays(config, device: torch.device, width: int, height: int, seed: int = 0):
+    """Rays `[height, width]` of one camera looking at the generated scene."""
+    from mipnerf360 import camera_utils, synthetic
+    pose = torch.as_tensor(synthetic.ring_poses(16, seed=seed)[0], dtype=torch.float32)
+    rays = camera_utils.cast_pinhole_rays(pose, height, width, 1.1 * width, config.near, config.far, xnp=torch)
+    return rays.to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU), in MiB."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB.
+
+
+def time_calls(fn: Callable[[int], None], device: torch.device, warmup: int,
+               steps: int, cpu_times: Optional[List[float]] = None) -> List[float]:
+    """Runs fn(i) warmup times untimed, then `steps` times timed (synchronising around each); wall seconds each.
+
+    If `cpu_times` is given, the process CPU time (user + system, all threads) of each timed call is appended to
+    it: on a machine shared with other jobs this is steadier than wall time.
+    """
+    for i in range(warmup):
+        fn(i)
+    sync(device)
+    times = []
+    for i in range(warmup, warmup + steps):
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        fn(i)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open('/proc/cpuinfo') as f:
+                for line in f:
+                    if line.startswith('model name'):
+                        name = line.split(':', 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        name = f'{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+    return f'{name}; torch {torch.__version__}; python {platform.python_version()}'
+
+
+def append_result(title: str, device: torch.device, figures: Dict[str, str], note: Optional[str] = None) -> None:
+    """Appends one record (machine, date, command, figures) to bench/RESULTS.md."""
+    command = shlex.join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:])
+    env_keys = ('PYTHONPATH', 'OMP_NUM_THREADS', 'MALLOC_ARENA_MAX', 'MALLOC_TRIM_THRESHOLD_',
+                'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TOP_PAD_', 'LD_PRELOAD')
+    env = ' '.join(f'{k}={os.environ[k]}' for k in env_keys if k in os.environ)
+    lines = [f'\n### {title}\n',
+             f'- date: {datetime.date.today().isoformat()}',
+             f'- machine: {machine_description(device)}',
+             f'- command: `{(env + " ") if env else ""}python {command}`']
+    lines += [f'- {k}: {v}' for k, v in figures.items()]
+    if note:
+        lines.append(f'- note: {note}')
+    new_file = not os.path.exists(RESULTS_MD)
+    with open(RESULTS_MD, 'a') as f:
+        if new_file:
+            f.write('# Benchmark results\n')
+        f.write('\n'.join(lines) + '\n')
