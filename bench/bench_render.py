@@ -11,7 +11,6 @@ Prints one line: rays/s from the median of --repeats renders after one warm-up r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import sys
@@ -20,52 +19,25 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib
-from mipnerf360 import utils  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--gin_configs', nargs='+', default=['configs/demo.gin'])
-    p.add_argument('--gin_bindings', nargs='*', default=[])
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    benchlib.add_common_args(p)
     p.add_argument('--width', type=int, default=128)
     p.add_argument('--height', type=int, default=96)
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--train_frac', type=float, default=1.0)
-    p.add_argument('--compile', choices=['none', 'model', 'mlp'], default='none')
-    p.add_argument('--amp', action='store_true', help='bf16 autocast around rendering')
-    p.add_argument('--malloc_tune', action='store_true',
-                   help='keep freed memory in the process (glibc mallopt; see utils.tune_glibc_malloc)')
-    p.add_argument('--threads', type=int, default=None)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--append', action='store_true', help='append the result to bench/RESULTS.md')
-    p.add_argument('--label', default='')
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.malloc_tune and not utils.tune_glibc_malloc():
-        print('warning: --malloc_tune had no effect (not glibc?)', file=sys.stderr)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from mipnerf360 import models
-    config = benchlib.load_config(args.gin_configs, args.gin_bindings)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    model = models.Model(config=config).to(device)
-    model.eval()
-    if args.compile == 'model':
-        model.compile()
-    elif args.compile == 'mlp':
-        for mlp in (model.nerf_mlp, model.prop_mlp):
-            if mlp is not None:
-                mlp.compile()
+    config, device, model, amp = benchlib.setup_model(args, train=False)
     rays = benchlib.image_rays(config, device, args.width, args.height, seed=args.seed)
     render_fn = functools.partial(model, train_frac=args.train_frac, compute_extras=True)
-    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.amp
-           else contextlib.nullcontext())
     out = {}
 
     def render(_: int) -> None:

@@ -12,7 +12,6 @@ bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
@@ -20,56 +19,27 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib
-from mipnerf360 import utils  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--gin_configs', nargs='+', default=['configs/demo.gin'])
-    p.add_argument('--gin_bindings', nargs='*', default=[])
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    benchlib.add_common_args(p)
     p.add_argument('--batch_size', type=int, default=None, help='overrides Config.batch_size')
     p.add_argument('--steps', type=int, default=10, help='timed steps')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first')
     p.add_argument('--num_batches', type=int, default=4, help='distinct batches cycled through')
-    p.add_argument('--compile', choices=['none', 'model', 'mlp'], default='none',
-                   help='torch.compile the whole Model or only its MLPs')
-    p.add_argument('--amp', action='store_true', help='bf16 autocast around the step')
-    p.add_argument('--malloc_tune', action='store_true',
-                   help='keep freed memory in the process (glibc mallopt; see utils.tune_glibc_malloc)')
-    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--append', action='store_true', help='append the result to bench/RESULTS.md')
-    p.add_argument('--label', default='', help='free text recorded with --append')
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.malloc_tune and not utils.tune_glibc_malloc():
-        print('warning: --malloc_tune had no effect (not glibc?)', file=sys.stderr)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from mipnerf360 import models, train_utils
-    config = benchlib.load_config(args.gin_configs, args.gin_bindings)
-    device = torch.device(args.device)
+    from mipnerf360 import train_utils
+    config, device, model, amp = benchlib.setup_model(args, train=True)
     batch_size = args.batch_size or config.batch_size
-
-    torch.manual_seed(args.seed)
-    model = models.Model(config=config).to(device)
-    model.train()
     optimizer, lr_fn = train_utils.create_optimizer(config, model)
-    if args.compile == 'model':
-        model.compile()
-    elif args.compile == 'mlp':
-        for mlp in (model.nerf_mlp, model.prop_mlp):
-            if mlp is not None:
-                mlp.compile()
 
     batches = [benchlib.scene_rays(batch_size, config, device, seed=args.seed + i)
                for i in range(args.num_batches)]
-    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.amp
-           else contextlib.nullcontext())
     losses = []
 
     def step(i: int) -> None:

@@ -140,3 +140,44 @@ def append_result(title: str, device: torch.device, figures: Dict[str, str], not
         if new_file:
             f.write('# Benchmark results\n')
         f.write('\n'.join(lines) + '\n')
+
+
+def add_common_args(p) -> None:
+    """Flags shared by the benchmarks: config, device, compile/amp/malloc options, result recording."""
+    p.add_argument('--gin_configs', nargs='+', default=['configs/demo.gin'])
+    p.add_argument('--gin_bindings', nargs='*', default=[])
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--compile', choices=['none', 'model', 'mlp'], default='none',
+                   help='torch.compile the whole Model or only its MLPs')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast around the timed work')
+    p.add_argument('--malloc_tune', action='store_true',
+                   help='keep freed memory in the process (glibc mallopt; see utils.tune_glibc_malloc)')
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--append', action='store_true', help='append the result to bench/RESULTS.md')
+    p.add_argument('--label', default='', help='free text recorded with --append')
+
+
+def setup_model(args, train: bool):
+    """Applies the common flags and builds the model; returns (config, device, model, amp context)."""
+    import contextlib
+    import sys
+    from mipnerf360 import models, utils
+    if args.malloc_tune and not utils.tune_glibc_malloc():
+        print('warning: --malloc_tune had no effect (not glibc?)', file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_config(args.gin_configs, args.gin_bindings)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = models.Model(config=config).to(device)
+    model.train(train)
+    if args.compile == 'model':
+        model.compile()
+    elif args.compile == 'mlp':
+        for mlp in (model.nerf_mlp, model.prop_mlp):
+            if mlp is not None:
+                mlp.compile()
+    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.amp
+           else contextlib.nullcontext())
+    return config, device, model, amp

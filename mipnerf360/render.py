@@ -13,7 +13,7 @@ Functions are pure and take their device and dtype from their inputs.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
