@@ -24,7 +24,8 @@ demo: venv
 	$(PY) -m mipnerf360.cli.demo --out demo_out
 
 bench: venv
-	$(PY) bench/bench_train.py
+	$(PY) bench/bench_train.py --malloc_tune
+	$(PY) bench/bench_render.py --malloc_tune
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
