@@ -146,7 +146,8 @@ def test_pycolmap_sfm_registers_every_view(tmp_path):
     info = synthetic.write_colmap_scene(str(tmp_path), n_views=30, width=320, height=240, factors=(),
                                         supersample=1)
     shutil.rmtree(tmp_path / 'sparse')
-    rec = colmap.run_sfm(str(tmp_path), camera_model='PINHOLE', factors=(2,), verbose=False)
+    rec = colmap.run_sfm(str(tmp_path), camera_model='PINHOLE', factors=(2,), verbose=False,
+                         num_threads=1)  # Multi-threaded mapping is not deterministic.
     assert time.time() - t0 < 120
     assert rec.num_reg_images() == 30
     names, poses, _, _, _ = colmap.NeRFSceneManager(str(tmp_path / 'sparse' / '0')).process()
