@@ -35,17 +35,22 @@ _Array = Union[np.ndarray, torch.Tensor]
 # The numpy boundary of the torch ray functions.
 # ----------------------------------------------------------------------------------------------------------
 
-def _array_leaves(tree: Any) -> List[_Array]:
-    return [a for a in utils.tree_leaves(tree) if isinstance(a, (np.ndarray, torch.Tensor))]
-
-
-def _float_dtype(arrays: Sequence[_Array]) -> Optional[torch.dtype]:
+def _float_dtype(arrays: Sequence[Any]) -> Optional[torch.dtype]:
     """The dtype of the first floating tensor; else the numpy result type of the floating arrays; else None."""
     for a in arrays:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a.dtype
     np_floats = [a.dtype for a in arrays if isinstance(a, np.ndarray) and a.dtype.kind == 'f']
     return torch.from_numpy(np.empty(0, np.result_type(*np_floats))).dtype if np_floats else None
+
+
+def _is_placed(a: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> bool:
+    """False for numpy values and for tensors that `_to_torch` would move or cast."""
+    if isinstance(a, (np.ndarray, np.generic)):
+        return False
+    if not isinstance(a, torch.Tensor):
+        return True
+    return a.device == device and (float_dtype is None or not a.is_floating_point() or a.dtype == float_dtype)
 
 
 def _to_torch(a: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> Any:
@@ -82,15 +87,16 @@ def _torch_rays(*placement: str) -> Callable[[Callable], Callable]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             arguments = bound.arguments
-            first = _array_leaves([arguments.get(name) for name in placed])
-            every = first + _array_leaves(list(arguments.values()))
-            tensors = [a for a in every if isinstance(a, torch.Tensor)]
+            leaves = {name: utils.tree_leaves(value) for name, value in arguments.items()}
+            first = [a for name in placed for a in leaves.get(name, ())]
+            tensors = [a for a in first + [a for v in leaves.values() for a in v] if isinstance(a, torch.Tensor)]
             to_numpy = arguments.get('xnp', np) is not torch and not tensors
             device = tensors[0].device if tensors else torch.device('cpu')
             dtype = _float_dtype(first)
             for name, value in arguments.items():
                 float_dtype = dtype if name in placed else None
-                arguments[name] = utils.tree_map(lambda a: _to_torch(a, device, float_dtype), value)
+                if not all(_is_placed(a, device, float_dtype) for a in leaves[name]):
+                    arguments[name] = utils.tree_map(lambda a: _to_torch(a, device, float_dtype), value)
             out = fn(*bound.args, **bound.kwargs)
             return utils.tree_map(_to_numpy, out) if to_numpy else out
 
