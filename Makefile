@@ -7,10 +7,18 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: venv test demo bench clean
 
+# A torch that $(PYTHON) already imports (e.g. a system-wide CUDA build) is kept: a plain venv cannot see it,
+# so the venv is then made with --system-site-packages. Otherwise $(TORCH_PIN) is installed into the venv.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@torch_version=$$($(PYTHON) -c "import torch; print(torch.__version__)" 2>/dev/null); \
+	if [ -n "$$torch_version" ]; then \
+	  echo "$(PYTHON) has torch $$torch_version: creating $(VENV) with --system-site-packages to keep it."; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  echo "$(PYTHON) has no torch: creating $(VENV) and installing $(TORCH_PIN) into it."; \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
 	$(PY) -m pip install -q --upgrade pip
-	@# Keep a torch that is already there (e.g. a CUDA build); otherwise install the pinned CPU-friendly one.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@

@@ -8,16 +8,19 @@ Conventions (identical to the JAX reference):
                        viewdirs are the normalised directions.
 
 Pose and path helpers work on numpy arrays as the reference's do. The ray functions (`pixels_to_rays`,
-`convert_to_ndc`, the undistortion, `cast_ray_batch`, ...) take an `xnp` argument that may be `numpy` or
-`torch`; torch is also chosen automatically when any input is a tensor, so that rays can be cast on the
-device of the pixel indices. Everything is batched: no Python loops over rays.
+`convert_to_ndc`, the undistortion, `cast_ray_batch`, ...) are torch code, batched with no Python loops over
+rays and no host syncs. They keep the reference's `xnp` argument: called with `xnp=torch` or any tensor
+input they return tensors on the device of the inputs; called with numpy inputs they return numpy arrays
+(see `_torch_rays`).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import types
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import scipy.interpolate
@@ -29,92 +32,94 @@ _Array = Union[np.ndarray, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# numpy / torch dispatch.
+# The numpy boundary of the torch ray functions.
 # ----------------------------------------------------------------------------------------------------------
 
-def _wants_torch(xnp: Any, *arrays: Any) -> bool:
-    """True if `xnp` is torch or any of `arrays` is a tensor."""
-    if xnp is torch:
-        return True
-    return any(isinstance(a, torch.Tensor) for a in arrays)
-
-
-def _torch_placement(*arrays: Any) -> Tuple[torch.device, torch.dtype]:
-    """Device and float dtype for a torch computation over `arrays`.
-
-    The device is that of the first tensor (CPU if none). The float dtype is that of the first floating
-    tensor; failing that, the numpy result type of the floating numpy inputs; failing that, float32.
-    """
-    device = None
-    dtype = None
-    np_float = []
+def _float_dtype(arrays: Sequence[Any]) -> Optional[torch.dtype]:
+    """The dtype of the first floating tensor; else the numpy result type of the floating arrays; else None."""
     for a in arrays:
-        if isinstance(a, torch.Tensor):
-            if device is None:
-                device = a.device
-            if dtype is None and a.is_floating_point():
-                dtype = a.dtype
-        elif isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating):
-            np_float.append(a.dtype)
-    if dtype is None:
-        dtype = torch.from_numpy(np.zeros(0, np.result_type(*np_float))).dtype if np_float else torch.float32
-    return (device if device is not None else torch.device('cpu')), dtype
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.dtype
+    np_floats = [a.dtype for a in arrays if isinstance(a, np.ndarray) and a.dtype.kind == 'f']
+    return torch.from_numpy(np.empty(0, np.result_type(*np_floats))).dtype if np_floats else None
 
 
-def _as_tensor(a: Any, device: torch.device, dtype: Optional[torch.dtype]) -> Any:
-    """Converts numbers / arrays / tensors to a tensor on `device` (float `dtype` unless `dtype` is None)."""
-    if a is None:
-        return None
+def _is_placed(a: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> bool:
+    """False for numpy values and for tensors that `_to_torch` would move or cast."""
+    if isinstance(a, (np.ndarray, np.generic)):
+        return False
+    if not isinstance(a, torch.Tensor):
+        return True
+    return a.device == device and (float_dtype is None or not a.is_floating_point() or a.dtype == float_dtype)
+
+
+def _to_torch(a: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> Any:
+    """numpy arrays and tensors -> tensors on `device` (floating ones in `float_dtype` if given)."""
+    if isinstance(a, np.generic):
+        return a.item()
+    if isinstance(a, np.ndarray):
+        if not a.flags.writeable or any(s < 0 for s in a.strides):
+            a = a.copy()  # torch.from_numpy takes neither.
+        a = torch.from_numpy(a)
     if isinstance(a, torch.Tensor):
-        return a.to(device=device, dtype=dtype) if dtype is not None else a.to(device)
-    if dtype is None:
-        return torch.as_tensor(np.asarray(a), device=device)
-    return torch.as_tensor(np.asarray(a, dtype=np.float64), device=device).to(dtype)
+        return a.to(device=device, dtype=float_dtype if a.is_floating_point() else None)
+    return a
 
 
-class _Ops:
-    """The handful of array operations the ray code needs, for numpy or torch."""
-
-    def __init__(self, use_torch: bool):
-        self.torch = use_torch
-
-    def stack(self, xs: Sequence[_Array], axis: int) -> _Array:
-        return torch.stack(list(xs), dim=axis) if self.torch else np.stack(xs, axis=axis)
-
-    def norm(self, x: _Array, keepdims: bool = False) -> _Array:
-        if self.torch:
-            return torch.linalg.norm(x, dim=-1, keepdim=keepdims)
-        return np.linalg.norm(x, axis=-1, keepdims=keepdims)
-
-    def where(self, c: _Array, a: _Array, b: _Array) -> _Array:
-        return torch.where(c, a, b) if self.torch else np.where(c, a, b)
-
-    def broadcast_to(self, x: _Array, shape: Tuple[int, ...]) -> _Array:
-        return x.expand(shape) if self.torch else np.broadcast_to(x, shape)
-
-    def unbind(self, x: _Array) -> Tuple[_Array, ...]:
-        """Splits the last axis."""
-        return tuple(torch.unbind(x, dim=-1)) if self.torch else tuple(np.moveaxis(x, -1, 0))
-
-    def vector(self, values: Sequence[float], like: _Array) -> _Array:
-        if self.torch:
-            return torch.tensor(values, dtype=like.dtype, device=like.device)
-        return np.array(values, dtype=like.dtype)
-
-    def __getattr__(self, name: str) -> Any:
-        # sqrt, sin, cos, abs, ones_like, zeros_like, minimum, ... exist under the same name in both.
-        return getattr(torch if self.torch else np, name)
+def _to_numpy(a: Any) -> Any:
+    return a.contiguous().numpy() if isinstance(a, torch.Tensor) else a
 
 
-def _mat_vec(mat: _Array, vec: _Array) -> _Array:
+def _torch_rays(*placement: str) -> Callable[[Callable], Callable]:
+    """Decorator giving a torch ray function the reference's numpy-or-torch (`xnp`) interface.
+
+    A call with `xnp=torch` or with any tensor among the arguments returns tensors: numpy arrays among the
+    arguments become tensors on the device of the first tensor. The floating arrays of the arguments named in
+    `placement` (default: all) take one dtype: that of the first floating tensor among them, else the numpy
+    result type of their floating arrays. Any other call runs the same torch code on CPU tensors made from
+    the numpy inputs (float64 stays float64, float32 stays float32) and returns numpy arrays.
+    """
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+        placed = placement or tuple(signature.parameters)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            arguments = bound.arguments
+            leaves = {name: utils.tree_leaves(value) for name, value in arguments.items()}
+            first = [a for name in placed for a in leaves.get(name, ())]
+            tensors = [a for a in first + [a for v in leaves.values() for a in v] if isinstance(a, torch.Tensor)]
+            to_numpy = arguments.get('xnp', np) is not torch and not tensors
+            device = tensors[0].device if tensors else torch.device('cpu')
+            dtype = _float_dtype(first)
+            for name, value in arguments.items():
+                float_dtype = dtype if name in placed else None
+                if not all(_is_placed(a, device, float_dtype) for a in leaves[name]):
+                    arguments[name] = utils.tree_map(lambda a: _to_torch(a, device, float_dtype), value)
+            out = fn(*bound.args, **bound.kwargs)
+            return utils.tree_map(_to_numpy, out) if to_numpy else out
+
+        return wrapper
+
+    return decorate
+
+
+def _mat_vec(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     """[..., m, n] x [..., n] -> [..., m], broadcasting the batch dims (exact elementwise products)."""
     return (mat * vec[..., None, :]).sum(-1)
+
+
+def _flip_yz(v: torch.Tensor) -> torch.Tensor:
+    """[..., 3] OpenCV <-> OpenGL camera axes: diag(1, -1, -1) v."""
+    return torch.cat([v[..., :1], -v[..., 1:]], -1)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Normalised device coordinates.
 # ----------------------------------------------------------------------------------------------------------
 
+@_torch_rays()
 def convert_to_ndc(origins: _Array,
                    directions: _Array,
                    pixtocam: _Array,
@@ -131,23 +136,22 @@ def convert_to_ndc(origins: _Array,
         directions: [..., 3] world-space ray directions.
         pixtocam: [3, 3] inverse intrinsics of the NDC camera.
         near: distance of the near plane along -z.
-        xnp: numpy or torch.
+        xnp: numpy or torch (the kind of arrays returned; tensor inputs give tensors).
 
     Returns:
         origins_ndc: [..., 3], with z = -1.
         directions_ndc: [..., 3], pointing from origins_ndc to the image of the ray's point at infinity.
     """
-    ops = _Ops(_wants_torch(xnp, origins, directions, pixtocam))
     t_near = -(near + origins[..., 2]) / directions[..., 2]
     origins = origins + t_near[..., None] * directions
-    dx, dy, dz = ops.unbind(directions)
-    ox, oy, oz = ops.unbind(origins)
+    dx, dy, dz = directions.unbind(-1)
+    ox, oy, oz = origins.unbind(-1)
     # 1 / pixtocam[0, 2] = -2 f / W and likewise for y.
     sx = 1. / pixtocam[0, 2]
     sy = 1. / pixtocam[1, 2]
-    ones = ops.ones_like(oz)
-    near_pts = ops.stack([sx * ox / oz, sy * oy / oz, -ones], -1)
-    far_pts = ops.stack([sx * dx / dz, sy * dy / dz, ones], -1)
+    ones = torch.ones_like(oz)
+    near_pts = torch.stack([sx * ox / oz, sy * oy / oz, -ones], -1)
+    far_pts = torch.stack([sx * dx / dz, sy * dy / dz, ones], -1)
     return near_pts, far_pts - near_pts
 
 
@@ -467,25 +471,26 @@ def create_render_spline_path(
 # Intrinsics and pixel grids.
 # ----------------------------------------------------------------------------------------------------------
 
+@_torch_rays()
 def intrinsic_matrix(fx: float, fy: float, cx: float, cy: float, xnp: types.ModuleType = np) -> _Array:
-    """[3, 3] OpenCV pinhole intrinsic matrix K."""
-    rows = [[fx, 0., cx], [0., fy, cy], [0., 0., 1.]]
-    if xnp is torch:
-        return torch.tensor(rows, dtype=torch.float64)
-    return np.array(rows)
+    """[3, 3] float64 OpenCV pinhole intrinsic matrix K (a CPU tensor with `xnp=torch`)."""
+    return torch.tensor([[fx, 0., cx], [0., fy, cy], [0., 0., 1.]], dtype=torch.float64)
 
 
+@_torch_rays()
 def get_pixtocam(focal: float, width: float, height: float, xnp: types.ModuleType = np) -> _Array:
-    """[3, 3] inverse intrinsics of an ideal pinhole camera with the principal point at the image centre."""
-    camtopix = intrinsic_matrix(focal, focal, width * .5, height * .5, xnp)
-    return torch.linalg.inv(camtopix) if xnp is torch else np.linalg.inv(camtopix)
+    """[3, 3] float64 inverse intrinsics of an ideal pinhole camera with the principal point at the centre."""
+    return torch.linalg.inv(intrinsic_matrix(focal, focal, width * .5, height * .5, xnp=torch))
 
 
+def _pixel_grid(width: int, height: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.meshgrid(torch.arange(width, device=device), torch.arange(height, device=device), indexing='xy')
+
+
+@_torch_rays()
 def pixel_coordinates(width: int, height: int, xnp: types.ModuleType = np) -> Tuple[_Array, _Array]:
     """Integer pixel coordinates (x, y), each [height, width] ('xy' meshgrid)."""
-    if xnp is torch:
-        return torch.meshgrid(torch.arange(width), torch.arange(height), indexing='xy')
-    return np.meshgrid(np.arange(width), np.arange(height), indexing='xy')
+    return _pixel_grid(width, height, torch.device('cpu'))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,7 +503,8 @@ def _radial_and_tangential_distort(x: _Array, y: _Array, k1: Any = 0., k2: Any =
 
     With r^2 = x^2 + y^2 and d = 1 + k1 r^2 + k2 r^4 + k3 r^6 + k4 r^8:
         xd = x d + 2 p1 x y + p2 (r^2 + 2 x^2),   yd = y d + 2 p2 x y + p1 (r^2 + 2 y^2).
-    Works on numpy arrays and tensors alike; parameters are scalars or arrays broadcasting with x.
+    Plain arithmetic, so it works on numpy arrays and tensors alike; parameters are scalars or arrays
+    broadcasting with x.
     """
     r2 = x * x + y * y
     radial = 1. + r2 * (k1 + r2 * (k2 + r2 * (k3 + r2 * k4)))
@@ -512,6 +518,7 @@ def radial_and_tangential_distort(x: _Array, y: _Array, **params: Any) -> Tuple[
     return _radial_and_tangential_distort(x, y, **params)
 
 
+@_torch_rays()
 def fisheye_distort(x: _Array, y: _Array, k1: Any = 0., k2: Any = 0., k3: Any = 0., k4: Any = 0.,
                     xnp: types.ModuleType = np) -> Tuple[_Array, _Array]:
     """OpenCV fisheye (equidistant) model: pinhole coordinates (x, y) = (X/Z, Y/Z) -> distorted coordinates.
@@ -521,27 +528,25 @@ def fisheye_distort(x: _Array, y: _Array, k1: Any = 0., k2: Any = 0., k3: Any = 
     theta_d (x, y) / |(x, y)|. `pixels_to_rays(..., camtype=FISHEYE)` with these k's inverts it (for points in
     front of the camera; use `fisheye_distort_dirs` for directions beyond 90 degrees).
     """
-    ops = _Ops(_wants_torch(xnp, x, y))
-    r = ops.sqrt(x * x + y * y)
-    theta = ops.arctan(r)
-    return _fisheye_from_angle(x, y, r, theta, k1, k2, k3, k4, ops)
+    r = torch.sqrt(x * x + y * y)
+    return _fisheye_from_angle(x, y, r, torch.arctan(r), k1, k2, k3, k4)
 
 
+@_torch_rays()
 def fisheye_distort_dirs(dirs: _Array, k1: Any = 0., k2: Any = 0., k3: Any = 0., k4: Any = 0.,
                          xnp: types.ModuleType = np) -> Tuple[_Array, _Array]:
     """OpenCV fisheye model for camera-space directions [..., 3] (OpenCV axes, z forward), any angle < pi."""
-    ops = _Ops(_wants_torch(xnp, dirs))
-    x, y, z = ops.unbind(dirs)
-    r = ops.sqrt(x * x + y * y)
-    theta = torch.atan2(r, z) if ops.torch else np.arctan2(r, z)
-    return _fisheye_from_angle(x, y, r, theta, k1, k2, k3, k4, ops)
+    x, y, z = dirs.unbind(-1)
+    r = torch.sqrt(x * x + y * y)
+    return _fisheye_from_angle(x, y, r, torch.atan2(r, z), k1, k2, k3, k4)
 
 
-def _fisheye_from_angle(x, y, r, theta, k1, k2, k3, k4, ops: _Ops) -> Tuple[_Array, _Array]:
+def _fisheye_from_angle(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, theta: torch.Tensor,
+                        k1: Any, k2: Any, k3: Any, k4: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     t2 = theta * theta
     theta_d = theta * (1. + t2 * (k1 + t2 * (k2 + t2 * (k3 + t2 * k4))))
     positive = r > 0
-    scale = ops.where(positive, theta_d / ops.where(positive, r, ops.ones_like(r)), ops.ones_like(r))
+    scale = torch.where(positive, theta_d / torch.where(positive, r, 1.), 1.)
     return x * scale, y * scale
 
 
@@ -571,6 +576,7 @@ def _compute_residual_and_jacobian(
     return fx, fy, fx_x, fx_y, fy_x, fy_y
 
 
+@_torch_rays()
 def _radial_and_tangential_undistort(
         xd: _Array, yd: _Array,
         k1: Any = 0, k2: Any = 0, k3: Any = 0, k4: Any = 0, p1: Any = 0, p2: Any = 0,
@@ -587,22 +593,20 @@ def _radial_and_tangential_undistort(
         k1..k4, p1, p2: distortion parameters (scalars or arrays broadcasting with xd).
         eps: determinant threshold.
         max_iterations: number of Newton steps.
-        xnp: numpy or torch.
+        xnp: numpy or torch (the kind of arrays returned; tensor inputs give tensors).
 
     Returns:
         x, y: [...] undistorted normalised coordinates.
     """
-    ops = _Ops(_wants_torch(xnp, xd, yd, k1, k2, k3, k4, p1, p2))
     x, y = xd, yd
     for _ in range(max_iterations):
         fx, fy, fx_x, fx_y, fy_x, fy_y = _compute_residual_and_jacobian(
             x=x, y=y, xd=xd, yd=yd, k1=k1, k2=k2, k3=k3, k4=k4, p1=p1, p2=p2)
         det = fy_x * fx_y - fx_x * fy_y
-        ok = ops.abs(det) > eps
-        safe_det = ops.where(ok, det, ops.ones_like(det))
-        zero = ops.zeros_like(det)
-        x = x + ops.where(ok, (fx * fy_y - fy * fx_y) / safe_det, zero)
-        y = y + ops.where(ok, (fy * fx_x - fx * fy_x) / safe_det, zero)
+        ok = det.abs() > eps
+        safe_det = torch.where(ok, det, 1.)
+        x = x + torch.where(ok, (fx * fy_y - fy * fx_y) / safe_det, 0.)
+        y = y + torch.where(ok, (fy * fx_x - fx * fy_x) / safe_det, 0.)
     return x, y
 
 
@@ -618,6 +622,7 @@ class ProjectionType(enum.Enum):
     PANORAMIC = 'pano'  # Alias (the name used by later releases of the reference).
 
 
+@_torch_rays('pixtocams', 'camtoworlds', 'pix_x_int', 'pix_y_int', 'pixtocam_ndc', 'distortion_params')
 def pixels_to_rays(
         pix_x_int: _Array,
         pix_y_int: _Array,
@@ -632,8 +637,9 @@ def pixels_to_rays(
 
     Vectorised over the leading dims SH; pixtocams, camtoworlds and the distortion parameters may be shared
     ([3, 3], [3, 4], scalars) or per ray (SH + [3, 3], SH + [3, 4], arrays of shape SH), or anything that
-    broadcasts. With torch, the float dtype comes from the first floating tensor input (else from the numpy
-    inputs) and the device from the first tensor input; numpy inputs are moved there.
+    broadcasts. With tensor inputs, the float dtype comes from the first floating tensor among pixtocams,
+    camtoworlds, the pixels, pixtocam_ndc and the distortion parameters (else from the numpy inputs), and the
+    device from the first tensor input; numpy inputs are moved there.
 
     Steps: pixel centre (x + .5, y + .5, 1) -> pixtocam -> undistort (OPENCV / fisheye radial) -> for FISHEYE
     the equidistant map theta = |xy| (capped at pi) -> (sin(theta) xy / |xy|, cos(theta)); for PANO,
@@ -650,7 +656,7 @@ def pixels_to_rays(
         distortion_params: optional dict with any of k1, k2, k3, k4, p1, p2 (scalars or [SH] arrays).
         pixtocam_ndc: optional [3, 3] inverse intrinsics of the NDC camera.
         camtype: ProjectionType.
-        xnp: numpy or torch.
+        xnp: numpy or torch (the kind of arrays returned; tensor inputs give tensors).
 
     Returns:
         origins: SH + [3] ray origins.
@@ -659,72 +665,55 @@ def pixels_to_rays(
         radii: SH + [1] cone radii at unit distance.
         imageplane: SH + [2] OpenGL camera-space (x, y) of the ray at depth 1.
     """
-    dist_values = list(distortion_params.values()) if distortion_params is not None else []
-    use_torch = _wants_torch(xnp, pix_x_int, pix_y_int, pixtocams, camtoworlds, pixtocam_ndc, *dist_values)
-    ops = _Ops(use_torch)
-    if use_torch:
-        device, dtype = _torch_placement(pixtocams, camtoworlds, pix_x_int, pix_y_int, pixtocam_ndc,
-                                         *dist_values)
-        convert = lambda a: _as_tensor(a, device, dtype)  # noqa: E731
-        pix_x, pix_y = convert(pix_x_int), convert(pix_y_int)
-        pixtocams, camtoworlds, pixtocam_ndc = convert(pixtocams), convert(camtoworlds), convert(pixtocam_ndc)
-        if distortion_params is not None:
-            distortion_params = {k: (v if isinstance(v, (int, float)) else convert(v))
-                                 for k, v in distortion_params.items()}
-    else:
-        pix_x, pix_y = np.asarray(pix_x_int), np.asarray(pix_y_int)
-        pixtocams, camtoworlds = np.asarray(pixtocams), np.asarray(camtoworlds)
-        pixtocam_ndc = None if pixtocam_ndc is None else np.asarray(pixtocam_ndc)
-
+    pix_x, pix_y = pix_x_int.to(pixtocams.dtype), pix_y_int.to(pixtocams.dtype)
     # [3, SH]: the pixel itself, its right neighbour and its lower neighbour; then [3, SH, 3] homogeneous.
-    xs = ops.stack([pix_x, pix_x + 1, pix_x], 0) + .5
-    ys = ops.stack([pix_y, pix_y, pix_y + 1], 0) + .5
-    pixel_dirs = ops.stack([xs, ys, ops.ones_like(xs)], -1)
+    xs = torch.stack([pix_x, pix_x + 1, pix_x], 0) + .5
+    ys = torch.stack([pix_y, pix_y, pix_y + 1], 0) + .5
+    pixel_dirs = torch.stack([xs, ys, torch.ones_like(xs)], -1)
     cam_dirs = _mat_vec(pixtocams, pixel_dirs)
 
     if distortion_params is not None:
         x, y = _radial_and_tangential_undistort(cam_dirs[..., 0], cam_dirs[..., 1], **distortion_params,
-                                                xnp=torch if use_torch else np)
-        cam_dirs = ops.stack([x, y, ops.ones_like(x)], -1)
+                                                xnp=torch)
+        cam_dirs = torch.stack([x, y, torch.ones_like(x)], -1)
 
     if camtype == ProjectionType.FISHEYE:
-        radius = ops.sqrt(cam_dirs[..., 0] ** 2 + cam_dirs[..., 1] ** 2)
-        theta = ops.minimum(radius, ops.ones_like(radius) * np.pi)
+        theta = torch.sqrt(cam_dirs[..., 0] ** 2 + cam_dirs[..., 1] ** 2).clamp(max=np.pi)
         positive = theta > 0
         # sin(theta) / theta, with its limit 1 at the principal point (the reference gives NaN there).
-        sinc = ops.where(positive, ops.sin(theta) / ops.where(positive, theta, ops.ones_like(theta)),
-                         ops.ones_like(theta))
-        cam_dirs = ops.stack([cam_dirs[..., 0] * sinc, cam_dirs[..., 1] * sinc, ops.cos(theta)], -1)
+        sinc = torch.where(positive, torch.sin(theta) / torch.where(positive, theta, 1.), 1.)
+        cam_dirs = torch.stack([cam_dirs[..., 0] * sinc, cam_dirs[..., 1] * sinc, torch.cos(theta)], -1)
     elif camtype == ProjectionType.PANO:
         lon, colat = cam_dirs[..., 0], cam_dirs[..., 1]
         # OpenCV axes (y down, z forward); the flip below makes them OpenGL.
-        cam_dirs = ops.stack([-ops.sin(colat) * ops.sin(lon), -ops.cos(colat), -ops.sin(colat) * ops.cos(lon)],
-                             -1)
+        cam_dirs = torch.stack([-torch.sin(colat) * torch.sin(lon), -torch.cos(colat),
+                                -torch.sin(colat) * torch.cos(lon)], -1)
 
-    cam_dirs = cam_dirs * ops.vector([1., -1., -1.], cam_dirs)  # OpenCV -> OpenGL.
+    cam_dirs = _flip_yz(cam_dirs)
     imageplane = cam_dirs[0, ..., :2]
 
     world_dirs = _mat_vec(camtoworlds[..., :3, :3], cam_dirs)
-    directions, dirs_right, dirs_down = world_dirs[0], world_dirs[1], world_dirs[2]
-    origins = ops.broadcast_to(camtoworlds[..., :3, -1], directions.shape)
-    viewdirs = directions / ops.norm(directions, keepdims=True)
+    directions, dirs_right, dirs_down = world_dirs.unbind(0)
+    origins = camtoworlds[..., :3, -1].expand(directions.shape)
+    viewdirs = directions / torch.linalg.norm(directions, dim=-1, keepdim=True)
 
     if pixtocam_ndc is None:
-        dist_right = ops.norm(dirs_right - directions)
-        dist_down = ops.norm(dirs_down - directions)
+        right, down, centre = dirs_right, dirs_down, directions
     else:
-        ndc_xnp = torch if use_torch else np
-        origins_right, _ = convert_to_ndc(origins, dirs_right, pixtocam_ndc, xnp=ndc_xnp)
-        origins_down, _ = convert_to_ndc(origins, dirs_down, pixtocam_ndc, xnp=ndc_xnp)
-        origins, directions = convert_to_ndc(origins, directions, pixtocam_ndc, xnp=ndc_xnp)
-        dist_right = ops.norm(origins_right - origins)
-        dist_down = ops.norm(origins_down - origins)
-
-    # Half the summed neighbour distances, scaled to the std of a uniform pixel footprint (1/sqrt(12)) x 2.
-    radii = (0.5 * (dist_right + dist_down))[..., None] * (2. / np.sqrt(12.))
+        right, _ = convert_to_ndc(origins, dirs_right, pixtocam_ndc, xnp=torch)
+        down, _ = convert_to_ndc(origins, dirs_down, pixtocam_ndc, xnp=torch)
+        origins, directions = convert_to_ndc(origins, directions, pixtocam_ndc, xnp=torch)
+        centre = origins
+    radii = _cone_radii(torch.linalg.norm(right - centre, dim=-1), torch.linalg.norm(down - centre, dim=-1))
     return origins, directions, viewdirs, radii, imageplane
 
 
+def _cone_radii(dist_right: torch.Tensor, dist_down: torch.Tensor) -> torch.Tensor:
+    """SH + [1]: the mean neighbour distance scaled to the std of a uniform pixel footprint (1/sqrt(12)), x 2."""
+    return (0.5 * (dist_right + dist_down))[..., None] * (2. / np.sqrt(12.))
+
+
+@_torch_rays()
 def points_to_pixels(points: _Array,
                      pixtocams: _Array,
                      camtoworlds: _Array,
@@ -739,57 +728,45 @@ def points_to_pixels(points: _Array,
         camtoworlds: [..., 3, 4] OpenGL camera-to-worlds.
         distortion_params: optional k1..k4, p1, p2 (fisheye uses k1..k4).
         camtype: PERSPECTIVE or FISHEYE.
-        xnp: numpy or torch.
+        xnp: numpy or torch (the kind of arrays returned; tensor inputs give tensors).
 
     Returns:
         coordinates: [..., 2] continuous pixel coordinates, with pixel (i, j)'s centre at (i, j)
             (i.e. the +0.5 offset of `pixels_to_rays` removed, as the later reference's function does).
         depth: [...] depth of the points along the camera's -z axis.
     """
-    params = dict(distortion_params or {})
-    ops = _Ops(_wants_torch(xnp, points, pixtocams, camtoworlds, *params.values()))
     if camtype not in (ProjectionType.PERSPECTIVE, ProjectionType.FISHEYE):
         raise ValueError(f'points_to_pixels supports PERSPECTIVE and FISHEYE cameras, not {camtype}.')
+    params = dict(distortion_params or {})
     rot = camtoworlds[..., :3, :3]
     rel = points - camtoworlds[..., :3, 3]
     cam = (rot * rel[..., :, None]).sum(-2)  # R^T (p - c), OpenGL camera axes.
     depth = -cam[..., 2]
-    cam_cv = cam * ops.vector([1., -1., -1.], cam)  # OpenCV axes.
+    cam_cv = _flip_yz(cam)
     if camtype == ProjectionType.FISHEYE:
         radial = {k: v for k, v in params.items() if k in ('k1', 'k2', 'k3', 'k4')}
-        x, y = fisheye_distort_dirs(cam_cv, **radial, xnp=torch if ops.torch else np)
+        x, y = fisheye_distort_dirs(cam_cv, **radial, xnp=torch)
     else:
         x, y = cam_cv[..., 0] / cam_cv[..., 2], cam_cv[..., 1] / cam_cv[..., 2]
         if params:
             x, y = _radial_and_tangential_distort(x, y, **params)
-    camtopix = torch.linalg.inv(pixtocams) if ops.torch else np.linalg.inv(pixtocams)
-    pix = _mat_vec(camtopix, ops.stack([x, y, ops.ones_like(x)], -1))
+    camtopix, _ = torch.linalg.inv_ex(pixtocams)  # inv_ex: no host sync to check for singular matrices.
+    pix = _mat_vec(camtopix, torch.stack([x, y, torch.ones_like(x)], -1))
     return pix[..., :2] - .5, depth
 
 
-def _gather_cameras(cameras: Sequence[Any], cam_idx: _Array, use_torch: bool, like: Any) -> Tuple[Any, ...]:
+def _gather_cameras(cameras: Sequence[Any], cam_idx: torch.Tensor) -> Tuple[Any, ...]:
     """Selects each ray's camera parameters: arrays with a leading camera axis are indexed by `cam_idx`."""
     pixtocams, camtoworlds, distortion_params = cameras[0], cameras[1], cameras[2]
     pixtocam_ndc = cameras[3] if len(cameras) > 3 else None
-    if use_torch:
-        device, dtype = _torch_placement(pixtocams, camtoworlds, like)
-        convert = lambda a: _as_tensor(a, device, dtype)  # noqa: E731
-        pixtocams, camtoworlds, pixtocam_ndc = convert(pixtocams), convert(camtoworlds), convert(pixtocam_ndc)
-        if distortion_params is not None:
-            distortion_params = {k: (v if isinstance(v, (int, float)) else convert(v))
-                                 for k, v in distortion_params.items()}
-        cam_idx = _as_tensor(cam_idx, device, None).long()
-    else:
-        pixtocams, camtoworlds = np.asarray(pixtocams), np.asarray(camtoworlds)
-
     pick = lambda arr: arr if arr.ndim == 2 else arr[cam_idx]  # noqa: E731
-    pixtocams, camtoworlds = pick(pixtocams), pick(camtoworlds)
     if distortion_params is not None:
-        distortion_params = {k: (v if isinstance(v, (int, float)) or v.ndim == 0 else v[cam_idx])
+        distortion_params = {k: (v[cam_idx] if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
                              for k, v in distortion_params.items()}
-    return pixtocams, camtoworlds, distortion_params, pixtocam_ndc
+    return pick(pixtocams), pick(camtoworlds), distortion_params, pixtocam_ndc
 
 
+@_torch_rays('cameras')
 def cast_ray_batch(cameras: Tuple[Any, ...],
                    pixels: utils.Pixels,
                    camtype: ProjectionType = ProjectionType.PERSPECTIVE,
@@ -799,18 +776,16 @@ def cast_ray_batch(cameras: Tuple[Any, ...],
     Args:
         cameras: (pixtocams, camtoworlds, distortion_params, pixtocam_ndc): [3, 3] or [N, 3, 3] inverse
             intrinsics, [3, 4] or [N, 3, 4] poses, None or a dict of scalars or [N] arrays, None or [3, 3].
-            Per-camera entries are selected with `pixels.cam_idx`.
+            Per-camera entries are selected with `pixels.cam_idx`. Their dtype sets that of the rays.
         pixels: Pixels with fields of any batch shape ([..., 1] for the metadata).
         camtype: ProjectionType.
-        xnp: numpy or torch (torch is also chosen if the pixel indices are tensors).
+        xnp: numpy or torch (the kind of arrays returned; tensor inputs give tensors).
 
     Returns:
         Rays with the computed geometry and the pixels' metadata.
     """
-    use_torch = _wants_torch(xnp, pixels.pix_x_int, *cameras[:2])
-    cam_idx = pixels.cam_idx[..., 0]
-    pixtocams, camtoworlds, distortion_params, pixtocam_ndc = _gather_cameras(
-        cameras, cam_idx, use_torch, pixels.pix_x_int)
+    pixtocams, camtoworlds, distortion_params, pixtocam_ndc = _gather_cameras(cameras,
+                                                                              pixels.cam_idx[..., 0].long())
     origins, directions, viewdirs, radii, imageplane = pixels_to_rays(
         pixels.pix_x_int,
         pixels.pix_y_int,
@@ -819,7 +794,7 @@ def cast_ray_batch(cameras: Tuple[Any, ...],
         distortion_params=distortion_params,
         pixtocam_ndc=pixtocam_ndc,
         camtype=camtype,
-        xnp=torch if use_torch else np)
+        xnp=torch)
     return utils.Rays(
         origins=origins,
         directions=directions,
@@ -835,17 +810,14 @@ def cast_ray_batch(cameras: Tuple[Any, ...],
     )
 
 
-def _scalar_fields(shape: Tuple[int, ...], near: float, far: float, like: _Array, use_torch: bool) -> dict:
+def _scalar_fields(shape: Tuple[int, ...], near: float, far: float, like: torch.Tensor) -> dict:
     """lossmult = 1, near, far and cam_idx = 0 broadcast to shape + [1]."""
-    if use_torch:
-        full = lambda v, dt: torch.full(shape + (1,), v, dtype=dt, device=like.device)  # noqa: E731
-        return {'lossmult': full(1., like.dtype), 'near': full(near, like.dtype), 'far': full(far, like.dtype),
-                'cam_idx': full(0, torch.long)}
-    full = lambda v, dt: np.full(shape + (1,), v, dtype=dt)  # noqa: E731
+    full = lambda v, dt: torch.full(shape + (1,), v, dtype=dt, device=like.device)  # noqa: E731
     return {'lossmult': full(1., like.dtype), 'near': full(near, like.dtype), 'far': full(far, like.dtype),
-            'cam_idx': full(0, np.int64)}
+            'cam_idx': full(0, torch.long)}
 
 
+@_torch_rays()
 def cast_pinhole_rays(camtoworld: _Array,
                       height: int,
                       width: int,
@@ -854,16 +826,14 @@ def cast_pinhole_rays(camtoworld: _Array,
                       far: float,
                       xnp: types.ModuleType = np) -> utils.Rays:
     """Rays [height, width] of an undistorted pinhole camera with centred principal point."""
-    use_torch = _wants_torch(xnp, camtoworld)
-    pix_x, pix_y = pixel_coordinates(width, height, xnp=torch if use_torch else np)
-    pixtocam = get_pixtocam(focal, width, height, xnp=torch if use_torch else np)
-    if use_torch:
-        device, dtype = _torch_placement(camtoworld)
-        pix_x, pix_y, pixtocam = pix_x.to(device), pix_y.to(device), pixtocam.to(device, dtype)
-    ray_args = pixels_to_rays(pix_x, pix_y, pixtocam, camtoworld, xnp=torch if use_torch else np)
-    return utils.Rays(*ray_args, **_scalar_fields(tuple(pix_x.shape), near, far, ray_args[1], use_torch))
+    pix_x, pix_y = _pixel_grid(width, height, camtoworld.device)
+    # A 3 x 3 copy to the device once per image (the inverse is computed on the host, as get_pixtocam's).
+    pixtocam = get_pixtocam(focal, width, height, xnp=torch).to(camtoworld)
+    ray_args = pixels_to_rays(pix_x, pix_y, pixtocam, camtoworld, xnp=torch)
+    return utils.Rays(*ray_args, **_scalar_fields(tuple(pix_x.shape), near, far, ray_args[1]))
 
 
+@_torch_rays()
 def cast_spherical_rays(camtoworld: _Array,
                         height: int,
                         width: int,
@@ -876,26 +846,17 @@ def cast_spherical_rays(camtoworld: _Array,
     directions are unit vectors (viewdirs = directions), imageplane is zero and the radii come from the
     differences to the next grid corners.
     """
-    use_torch = _wants_torch(xnp, camtoworld)
-    ops = _Ops(use_torch)
-    if use_torch:
-        device, dtype = _torch_placement(camtoworld)
-        camtoworld = _as_tensor(camtoworld, device, dtype)
-        theta_vals = torch.linspace(0, 2 * np.pi, width + 1, dtype=dtype, device=device)
-        phi_vals = torch.linspace(0, np.pi, height + 1, dtype=dtype, device=device)
-        theta, phi = torch.meshgrid(theta_vals, phi_vals, indexing='xy')
-    else:
-        camtoworld = np.asarray(camtoworld)
-        theta, phi = np.meshgrid(np.linspace(0, 2 * np.pi, width + 1), np.linspace(0, np.pi, height + 1),
-                                 indexing='xy')
+    grid = dict(dtype=camtoworld.dtype, device=camtoworld.device)
+    theta, phi = torch.meshgrid(torch.linspace(0, 2 * np.pi, width + 1, **grid),
+                                torch.linspace(0, np.pi, height + 1, **grid), indexing='xy')
     # OpenGL camera axes: y is up, the panorama starts at +z (behind) and turns towards -x.
-    dirs = ops.stack([-ops.sin(phi) * ops.sin(theta), ops.cos(phi), ops.sin(phi) * ops.cos(theta)], -1)
+    dirs = torch.stack([-torch.sin(phi) * torch.sin(theta), torch.cos(phi), torch.sin(phi) * torch.cos(theta)],
+                       -1)
     dirs = _mat_vec(camtoworld[:3, :3], dirs)
     step_down = dirs[1:, :-1] - dirs[:-1, :-1]
     step_right = dirs[:-1, 1:] - dirs[:-1, :-1]
     directions = dirs[:-1, :-1]
-    origins = ops.broadcast_to(camtoworld[:3, -1], directions.shape)
-    radii = (0.5 * (ops.norm(step_right) + ops.norm(step_down)))[..., None] * (2. / np.sqrt(12.))
-    imageplane = ops.zeros_like(directions[..., :2])
-    fields = _scalar_fields(tuple(directions.shape[:-1]), near, far, directions, use_torch)
-    return utils.Rays(origins, directions, directions, radii, imageplane, **fields)
+    origins = camtoworld[:3, -1].expand(directions.shape)
+    radii = _cone_radii(torch.linalg.norm(step_right, dim=-1), torch.linalg.norm(step_down, dim=-1))
+    fields = _scalar_fields(tuple(directions.shape[:-1]), near, far, directions)
+    return utils.Rays(origins, directions, directions, radii, torch.zeros_like(directions[..., :2]), **fields)

@@ -1,6 +1,7 @@
 """camera_utils: rays against independent projections and closed forms, distortion round trips, NDC, paths."""
 
 import dataclasses
+import inspect
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from mipnerf360 import camera_utils as cu
 from mipnerf360 import configs, utils
+from syncguard import no_host_sync
 
 PT = cu.ProjectionType
 FLIP = np.array([1., -1., -1.])  # OpenCV <-> OpenGL camera axes.
@@ -291,6 +293,68 @@ def test_cast_ray_batch_gathers_per_camera_parameters(module):
             g = g.numpy() if isinstance(g, torch.Tensor) else g
             np.testing.assert_allclose(g[sel], e, atol=1e-9)
     assert rays.far[0, 0] == 9. and rays.cam_idx.shape == (200, 1)
+
+
+@pytest.mark.parametrize('case', ['opencv', 'fisheye', 'ndc', 'cast_ray_batch'])
+def test_ray_casting_has_no_host_sync(case):
+    rng = np.random.default_rng(16)
+    poses, K, idx, px, py = _ray_batch(rng, n_cams=3, n_rays=64)
+    t = lambda a: torch.as_tensor(a, dtype=torch.float32) if a.dtype.kind == 'f' else torch.as_tensor(a)  # noqa
+    pixtocams, c2w, tx, ty = t(np.linalg.inv(K)), t(poses), t(px), t(py)
+    fish = dict(k1=t(np.array(.05)), k2=-.01, k3=.002, k4=-.0005)
+    opencv = dict(k1=t(rng.uniform(-.1, .1, 64)), k2=.02, p1=t(np.array(.001)), p2=-.001)
+    ndc_p = t(cu.get_pixtocam(400., 500, 400))
+    args = {
+        'opencv': (tx, ty, pixtocams[idx], c2w[idx], dict(distortion_params=opencv)),
+        'fisheye': (tx, ty, pixtocams[0], c2w[0], dict(distortion_params=fish, camtype=PT.FISHEYE)),
+        'ndc': (tx % 500, ty % 400, ndc_p, t(np.eye(4)[:3]), dict(pixtocam_ndc=ndc_p)),
+    }
+    if case == 'cast_ray_batch':
+        cameras = (pixtocams, c2w, {'k1': t(np.array([-.1, 0., .08])), 'p1': .001}, None)
+        pixels = _pixels(px, py, idx, torch)
+        with no_host_sync():
+            rays = cu.cast_ray_batch(cameras, pixels, PT.PERSPECTIVE, xnp=torch)
+        out = (rays.origins, rays.directions, rays.viewdirs, rays.radii, rays.imageplane)
+        ref = cu.cast_ray_batch((np.linalg.inv(K), poses, {'k1': np.array([-.1, 0., .08]), 'p1': .001}, None),
+                                _pixels(px, py, idx, np), PT.PERSPECTIVE)
+        ref = (ref.origins, ref.directions, ref.viewdirs, ref.radii, ref.imageplane)
+    else:
+        *pos, kw = args[case]
+        with no_host_sync():
+            out = cu.pixels_to_rays(*pos, **kw, xnp=torch)
+        to_np = lambda a: a.double().numpy() if isinstance(a, torch.Tensor) else a  # noqa: E731
+        ref = cu.pixels_to_rays(*map(to_np, pos), **utils.tree_map(to_np, kw))
+    for a, b in zip(ref, out):
+        assert b.dtype == torch.float32
+        np.testing.assert_allclose(b.numpy(), a, atol=2e-5, rtol=1e-5)
+
+
+def test_numpy_calls_return_numpy_in_the_input_precision():
+    rng = np.random.default_rng(17)
+    poses, K, idx, px, py = _ray_batch(rng, n_cams=3, n_rays=50)
+    params = dict(k1=-.1, k2=.02, p1=.002)
+    out64 = cu.pixels_to_rays(px, py, np.linalg.inv(K)[idx], poses[idx], distortion_params=params)
+    out32 = cu.pixels_to_rays(px, py, np.linalg.inv(K)[idx].astype(np.float32), poses[idx].astype(np.float32),
+                              distortion_params=params)
+    for a, b in zip(out64, out32):
+        assert type(a) is np.ndarray and a.dtype == np.float64
+        assert type(b) is np.ndarray and b.dtype == np.float32
+        np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-5)
+    # Shared-camera origins come back as an array of their own, not a view of the caller's pose.
+    pose = poses[0].copy()
+    origins = cu.pixels_to_rays(px, py, np.linalg.inv(K[0]), pose)[0]
+    origins += 1.
+    np.testing.assert_array_equal(pose, poses[0])
+    rays = cu.cast_ray_batch((np.linalg.inv(K), poses, None, None), _pixels(px, py, idx, np))
+    assert all(type(leaf) is np.ndarray for leaf in utils.tree_leaves(rays))
+    assert rays.cam_idx.dtype == np.int64 and rays.radii.dtype == np.float64
+    grid_x, grid_y = cu.pixel_coordinates(4, 3)
+    assert type(grid_x) is np.ndarray and grid_x.dtype == np.int64
+    np.testing.assert_array_equal(grid_x, np.tile(np.arange(4), (3, 1)))
+    np.testing.assert_array_equal(grid_y, np.tile(np.arange(3)[:, None], (1, 4)))
+    np.testing.assert_allclose(cu.get_pixtocam(100., 60, 40) @ cu.intrinsic_matrix(100., 100., 30., 20.),
+                               np.eye(3), atol=1e-15)
+    assert 'xnp' in inspect.signature(cu.pixels_to_rays).parameters
 
 
 def test_cast_pinhole_and_spherical_rays():
