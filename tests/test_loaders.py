@@ -1,5 +1,5 @@
 """Tests of the NeRF++ / FVS / DTU / LLFF poses_bounds loaders, use_tiffs, and the render paths
-(mipnerf360/datasets.py) against the ground truth of scenes written by mipnerf360/synthetic.py."""
+(mipnerf360/datasets/) against the ground truth of scenes written by mipnerf360/synthetic.py."""
 
 import os
 import shutil

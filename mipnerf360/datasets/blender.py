@@ -15,8 +15,8 @@ from mipnerf360 import camera_utils
 from mipnerf360 import colmap
 from mipnerf360 import configs
 from mipnerf360 import utils
-from mipnerf360.datasets.scene import (IMAGE_EXTENSIONS, DatasetError, DatasetNotFoundError, Scene, downsample,
-                                       make_scene)
+from mipnerf360.datasets.scene import (IMAGE_EXTENSIONS, DatasetError, DatasetNotFoundError, Scene, check_camera,
+                                       downsample, inverse_intrinsics, make_scene)
 
 
 def generate_orbit_path(poses: np.ndarray, n_frames: int = 120,
@@ -53,6 +53,35 @@ def generate_orbit_path(poses: np.ndarray, n_frames: int = 120,
     return np.stack([camera_utils.viewmatrix(p - center, up, p) for p in positions])
 
 
+def _read_json(pose_file: str) -> dict:
+    try:
+        with open(pose_file, 'r') as fp:
+            return json.load(fp)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f'Corrupt json in {pose_file} ({e}); re-export it.') from None
+
+
+def _require(entry: dict, key: str, pose_file: str, where: str):
+    """`entry[key]`, or a DatasetError naming the key, the file and where in it."""
+    if key not in entry:
+        raise DatasetError(f'{pose_file}: {where} has no {key!r} key; add it (transforms.json format: a '
+                           "top-level 'frames' list of {'file_path', 'transform_matrix'} and the intrinsics).")
+    return entry[key]
+
+
+def _frame_pose(frame: dict, pose_file: str, where: str, dtype=np.float64) -> np.ndarray:
+    """The `[3, 4]` camera-to-world of a frame's transform_matrix (a 4x4 or 3x4 nested list)."""
+    matrix = _require(frame, 'transform_matrix', pose_file, where)
+    try:
+        pose = np.array(matrix, dtype=dtype)
+    except (TypeError, ValueError):
+        pose = np.zeros(0)
+    if pose.shape not in ((4, 4), (3, 4)):
+        raise DatasetError(f'{pose_file}: the transform_matrix of {where} must be a 4x4 matrix, got shape '
+                           f'{pose.shape}; re-export the poses.')
+    return pose[:3, :4]
+
+
 def load_blender_posedata(data_dir: str, split: Optional[str] = None):
     """Reads `transforms{_split}.json` (Blender / instant-NGP / nerfstudio).
 
@@ -67,14 +96,11 @@ def load_blender_posedata(data_dir: str, split: Optional[str] = None):
     if not os.path.isfile(pose_file):
         raise DatasetNotFoundError(f'Camera file {pose_file} does not exist; export the poses with COLMAP '
                                    '(sparse/0) or write a transforms.json.')
-    try:
-        with open(pose_file, 'r') as fp:
-            meta = json.load(fp)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f'Corrupt json in {pose_file} ({e}); re-export it.') from None
+    meta = _read_json(pose_file)
     names, poses, pixtocams, dists, camtypes, sizes = [], [], [], [], [], []
-    for frame in meta.get('frames', []):
-        rel = frame['file_path']
+    for i, frame in enumerate(_require(meta, 'frames', pose_file, 'the file')):
+        rel = _require(frame, 'file_path', pose_file, f'frame {i}')
+        where = f'frame {i} ({rel})'
         path = os.path.join(data_dir, rel)
         if not os.path.exists(path):
             found = [p for p in glob.glob(path + '.*') if p.lower().endswith(IMAGE_EXTENSIONS)]
@@ -88,8 +114,11 @@ def load_blender_posedata(data_dir: str, split: Optional[str] = None):
                 w, h = im.size
         if get('fl_x') is not None:
             fx = float(get('fl_x'))
-        else:
+        elif get('camera_angle_x') is not None:
             fx = 0.5 * w / np.tan(0.5 * float(get('camera_angle_x')))
+        else:
+            raise DatasetError(f"{pose_file}: {where} has no 'fl_x' nor 'camera_angle_x' key (the focal length), "
+                               'neither has the top level; add one of them.')
         if get('fl_y') is not None:
             fy = float(get('fl_y'))
         elif get('camera_angle_y') is not None:
@@ -97,7 +126,10 @@ def load_blender_posedata(data_dir: str, split: Optional[str] = None):
         else:
             fy = fx
         cx, cy = float(get('cx', w / 2.)), float(get('cy', h / 2.))
-        pixtocams.append(np.linalg.inv(camera_utils.intrinsic_matrix(fx, fy, cx, cy)))
+        pixtocam = inverse_intrinsics(camera_utils.intrinsic_matrix(fx, fy, cx, cy))
+        pose = _frame_pose(frame, pose_file, where)
+        check_camera(pose, pixtocam, f'{pose_file} {where}')
+        pixtocams.append(pixtocam)
         model = get('camera_model', 'OPENCV')
         if model == 'OPENCV_FISHEYE':
             camtypes.append(camera_utils.ProjectionType.FISHEYE)
@@ -112,7 +144,7 @@ def load_blender_posedata(data_dir: str, split: Optional[str] = None):
         else:
             dists.append(None)
         names.append(rel)
-        poses.append(np.array(frame['transform_matrix'], dtype=np.float64)[:3, :4])
+        poses.append(pose)
         sizes.append((int(w), int(h)))
     if not names:
         raise DatasetError(f'No frame of {pose_file} has an existing image file; check the frames\' file_path.')
@@ -135,10 +167,10 @@ def load_blender(config: configs.Config, split: utils.DataSplit, data_dir: str) 
     if not os.path.isfile(pose_file):
         raise DatasetNotFoundError(f'Camera file {pose_file} does not exist; is Config.data_dir a Blender '
                                    "scene (else set Config.dataset_loader='llff')?")
-    with open(pose_file, 'r') as fp:
-        meta = json.load(fp)
+    meta = _read_json(pose_file)
     images, disp_images, normal_images, cams = [], [], [], []
-    for frame in meta['frames']:
+    for i, frame in enumerate(_require(meta, 'frames', pose_file, 'the file')):
+        where = f'frame {i} ({_require(frame, "file_path", pose_file, f"frame {i}")})'
         fprefix = os.path.join(data_dir, frame['file_path'])
 
         def get_img(suffix, fprefix=fprefix):
@@ -168,7 +200,8 @@ def load_blender(config: configs.Config, split: utils.DataSplit, data_dir: str) 
             disp_images.append(get_img('_disp.tiff'))
         if config.compute_normal_metrics:
             normal_images.append(get_img('_normal.png')[..., :3] * 2. / 255. - 1.)
-        cams.append(np.array(frame['transform_matrix'], dtype=np.float32)[:3, :4])
+        cams.append(_frame_pose(frame, pose_file, where, np.float32))
+        check_camera(cams[-1], None, f'{pose_file} {where}')
     if not images:
         raise DatasetError(f'{pose_file} lists no frames.')
     images = np.stack(images, axis=0)
@@ -182,16 +215,17 @@ def load_blender(config: configs.Config, split: utils.DataSplit, data_dir: str) 
     images = (rgb * alpha + (1. - alpha)).astype(np.float32)  # White background.
     height, width = images.shape[1:3]
     camtoworlds = np.stack(cams, axis=0)
-    focal = .5 * width / np.tan(.5 * float(meta['camera_angle_x']))
+    focal = .5 * width / np.tan(.5 * float(_require(meta, 'camera_angle_x', pose_file, 'the top level')))
     pixtocams = camera_utils.get_pixtocam(focal, width, height)
+    check_camera(cams[0], pixtocams, f'{pose_file} (camera_angle_x)')
     render_poses = None
     if config.render_path:
         ref_poses = camtoworlds
         test_file = os.path.join(data_dir, 'transforms_test.json')
         if split != utils.DataSplit.TEST and os.path.isfile(test_file):
-            with open(test_file, 'r') as fp:
-                ref_poses = np.stack([np.array(f['transform_matrix'], np.float64)[:3, :4]
-                                      for f in json.load(fp)['frames']])
+            ref_poses = np.stack([_frame_pose(f, test_file, f'frame {i}')
+                                  for i, f in enumerate(_require(_read_json(test_file), 'frames', test_file,
+                                                                 'the file'))])
         render_poses = camtoworlds = generate_orbit_path(ref_poses, n_frames=config.render_path_frames)
     return make_scene(split, data_dir, config, images, camtoworlds, pixtocams, focal=focal,
                       render_poses=render_poses, **fields)

@@ -1,7 +1,7 @@
-"""COLMAP scenes (mip-NeRF 360 and LLFF layouts): `sparse/0`, `images/`, `images_N/`; else `transforms.json`;
-else LLFF's `poses_bounds.npy`. 360 scenes are PCA-normalised; forward-facing scenes (`Config.forward_facing`)
-scaled by 1 / (0.75 near_min), recentred and rendered in NDC. RawNeRF scenes (`Config.rawnerf_mode`) read the
-raw files through `raw_utils`.
+"""COLMAP scenes (mip-NeRF 360 and LLFF layouts): `sparse/0`, `images/`, `images_N/` (matched by file stem);
+else `transforms.json`; else LLFF's `poses_bounds.npy`. 360 scenes are PCA-normalised; forward-facing scenes
+(`Config.forward_facing`) scaled by 1 / (0.75 near_min), recentred and rendered in NDC. RawNeRF scenes
+(`Config.rawnerf_mode`) read the raw files through `raw_utils`.
 
 `images_N` folders whose size differs from the COLMAP size / N by up to one pixel (the official rounded folders)
 are accepted with intrinsics scaled by the actual ratio; larger differences raise.
@@ -19,8 +19,8 @@ from mipnerf360 import colmap
 from mipnerf360 import configs
 from mipnerf360 import utils
 from mipnerf360.datasets.blender import load_blender_posedata
-from mipnerf360.datasets.scene import (DatasetError, DatasetNotFoundError, Scene, list_images, load_rgb,
-                                       make_scene, split_indices, stack_if_same)
+from mipnerf360.datasets.scene import (DatasetError, DatasetNotFoundError, Scene, check_camera, list_images,
+                                       load_rgb, make_scene, split_indices, stack_if_same)
 
 PoseData = Tuple[List[str], np.ndarray, np.ndarray, Optional[dict], camera_utils.ProjectionType,
                  Optional[np.ndarray]]
@@ -59,6 +59,12 @@ def _load_poses_bounds_posedata(data_dir: str) -> PoseData:
     poses = np.concatenate([mats[:, :, 1:2], -mats[:, :, 0:1], mats[:, :, 2:4]], -1)
     pixtocams = np.stack([np.linalg.inv(camera_utils.intrinsic_matrix(f, f, w / 2., h / 2.))
                           for h, w, f in hwf])
+    for i, name in enumerate(names):
+        check_camera(poses[i], pixtocams[i], f'{path} row {i} ({name})')
+        near, far = arr[i, 15:]
+        if not 0 < near < far:
+            raise DatasetError(f'{path} row {i} ({name}) has bounds near={near:g}, far={far:g}; they must satisfy '
+                               '0 < near < far: regenerate poses_bounds.npy.')
     sizes = np.round(hwf[:, [1, 0]]).astype(np.int64)
     return names, poses, pixtocams, None, camera_utils.ProjectionType.PERSPECTIVE, sizes
 
@@ -83,24 +89,49 @@ def load_llff_posedata(data_dir: str) -> PoseData:
                                'scripts/local_colmap_and_resize.sh DATA_DIR first.')
 
 
+def _stem(name: str) -> str:
+    return os.path.splitext(name)[0]
+
+
 def llff_image_paths(data_dir: str, names: Sequence[str], image_dir_suffix: str) -> List[str]:
-    """The files of `images{suffix}/` for the COLMAP image names, paired through the sorted file lists of
-    `images/` and `images{suffix}/` (the downsampled copies may be named differently, as in the reference)."""
+    """The files of `images{suffix}/` for the COLMAP image names (files of `images/`).
+
+    The files are matched by name without extension (`images_4/a.png` for `images/a.JPG`); a file missing from
+    either folder raises. A folder none of whose names match (LLFF's release renames `images_8/` to
+    image000.png, ...) is paired by sorted position, as the reference does, when the counts agree.
+    """
     colmap_image_dir = os.path.join(data_dir, 'images')
     image_dir = os.path.join(data_dir, 'images' + image_dir_suffix)
     colmap_files = list_images(colmap_image_dir)
     image_files = list_images(image_dir)
     if not image_files:
         raise DatasetError(f'No images in {image_dir}; add the images (PNG/JPEG) or fix Config.data_dir.')
-    if len(colmap_files) != len(image_files):
-        raise DatasetError(f'{colmap_image_dir} has {len(colmap_files)} images but {image_dir} has '
-                           f'{len(image_files)}; regenerate {image_dir} from images/.')
-    colmap_to_image = dict(zip(colmap_files, image_files))
-    missing = [n for n in names if n not in colmap_to_image]
+    missing = [n for n in names if n not in colmap_files]
     if missing:
         raise DatasetError(f'{len(missing)} posed images (e.g. {missing[0]!r}) are not in {colmap_image_dir}; '
                            'the images and poses do not match, re-run COLMAP on these images.')
-    return [os.path.join(image_dir, colmap_to_image[n]) for n in names]
+    by_stem = {}
+    for f in image_files:
+        if _stem(f) in by_stem:
+            raise DatasetError(f'{image_dir} holds both {by_stem[_stem(f)]} and {f}; keep one image per name.')
+        by_stem[_stem(f)] = f
+    colmap_stems = {_stem(f) for f in colmap_files}
+    if colmap_stems.isdisjoint(by_stem):
+        if len(colmap_files) != len(image_files):
+            raise DatasetError(f'{colmap_image_dir} has {len(colmap_files)} images but {image_dir} has '
+                               f'{len(image_files)} (paired by sorted position since no name matches); '
+                               f'regenerate {image_dir} from images/.')
+        colmap_to_image = dict(zip(colmap_files, image_files))
+        return [os.path.join(image_dir, colmap_to_image[n]) for n in names]
+    absent = [f for f in colmap_files if _stem(f) not in by_stem]
+    if absent:
+        raise DatasetError(f'{image_dir} has no image named {_stem(absent[0])}.* for {colmap_image_dir}/'
+                           f'{absent[0]} ({len(absent)} missing); regenerate {image_dir} from images/.')
+    extra = [f for f in image_files if _stem(f) not in colmap_stems]
+    if extra:
+        raise DatasetError(f'{image_dir}/{extra[0]} has no counterpart in {colmap_image_dir} ({len(extra)} extra '
+                           f'files); remove it or regenerate {image_dir} from images/.')
+    return [os.path.join(image_dir, by_stem[_stem(n)]) for n in names]
 
 
 def scaled_pixtocam(pixtocam: np.ndarray, full_size: Optional[Tuple[int, int]], actual_size: Tuple[int, int],

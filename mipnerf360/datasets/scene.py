@@ -198,6 +198,30 @@ def split_indices(n: int, hold: int, split: utils.DataSplit, where: str, field: 
     return indices
 
 
+def inverse_intrinsics(k: np.ndarray) -> np.ndarray:
+    """The inverse of intrinsics `k` `[3, 3]`, NaN when singular (so that `check_camera` reports it)."""
+    return np.linalg.inv(k) if np.linalg.det(k) else np.full((3, 3), np.nan)
+
+
+def check_camera(camtoworld: np.ndarray, pixtocam: Optional[np.ndarray], source: str):
+    """Raises a DatasetError naming `source` (the file and frame) unless the pose `[3, 4]` is finite with an
+    orthonormal rotation and the inverse intrinsics `[3, 3]` (if given) are finite with positive focal lengths."""
+    c2w = np.asarray(camtoworld, np.float64)
+    if not np.all(np.isfinite(c2w)):
+        raise DatasetError(f'{source}: the camera pose contains NaN or infinite values; fix or re-export the poses.')
+    rot = c2w[:3, :3]
+    err = np.abs(rot.T @ rot - np.eye(3)).max()
+    if err > 1e-2:
+        raise DatasetError(f'{source}: the camera rotation is not orthonormal (max |R^T R - I| = {err:.3g}); the '
+                           'pose must be a rigid camera-to-world transform, re-export it.')
+    if pixtocam is None:
+        return
+    inv_k = np.asarray(pixtocam, np.float64)
+    if not np.all(np.isfinite(inv_k)) or inv_k[0, 0] <= 0 or inv_k[1, 1] <= 0:
+        raise DatasetError(f'{source}: the intrinsics must be finite with positive focal lengths, got inverse '
+                           f'intrinsics diagonal {np.diag(inv_k).tolist()}; fix the focal length / field of view.')
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Render paths.
 

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
+from typing import List, Tuple
 
 import numpy as np
 
 from mipnerf360 import camera_utils
 from mipnerf360 import configs
 from mipnerf360 import utils
-from mipnerf360.datasets.scene import (IMAGE_EXTENSIONS, DatasetError, DatasetNotFoundError, Scene, list_images,
-                                       load_rgb, make_scene, split_indices, stack_if_same)
+from mipnerf360.datasets.scene import (IMAGE_EXTENSIONS, DatasetError, DatasetNotFoundError, Scene, check_camera,
+                                       inverse_intrinsics, list_images, load_rgb, make_scene, split_indices,
+                                       stack_if_same)
 
 _OPENCV_TO_OPENGL = np.diag(np.array([1., -1., -1., 1.]))
 
 
-def _load_matrices(basedir: str, dirname: str) -> np.ndarray:
-    """The 4x4 matrices `[N, 4, 4]` of the text files of `basedir/dirname`, in sorted name order."""
+def _load_matrices(basedir: str, dirname: str) -> Tuple[np.ndarray, List[str]]:
+    """The 4x4 matrices `[N, 4, 4]` of the text files of `basedir/dirname`, in sorted name order, and the files."""
     folder = os.path.join(basedir, dirname)
     if not os.path.isdir(folder):
         raise DatasetNotFoundError(f'Folder {folder} does not exist; is Config.data_dir a NeRF++ '
@@ -35,7 +37,7 @@ def _load_matrices(basedir: str, dirname: str) -> np.ndarray:
             raise DatasetError(f'{f} holds {m.size} numbers; it must hold a finite 4x4 matrix '
                                '(16 numbers).')
         mats.append(m.reshape(4, 4))
-    return np.stack(mats)
+    return np.stack(mats), files
 
 
 def load_nerfpp(config: configs.Config, split: utils.DataSplit, data_dir: str) -> Scene:
@@ -48,11 +50,14 @@ def load_nerfpp(config: configs.Config, split: utils.DataSplit, data_dir: str) -
     used for training and test. The world is the files' (identity `world_transform`).
     """
     basedir = os.path.join(data_dir, 'camera_path' if config.render_path else split.value)
-    poses = (_load_matrices(basedir, 'pose') @ _OPENCV_TO_OPENGL)[:, :3, :4]
-    intrinsics = _load_matrices(basedir, 'intrinsics')
+    poses, pose_files = _load_matrices(basedir, 'pose')
+    poses = (poses @ _OPENCV_TO_OPENGL)[:, :3, :4]
+    intrinsics, intrinsics_files = _load_matrices(basedir, 'intrinsics')
     if len(intrinsics) != len(poses):
         raise DatasetError(f'{basedir} has {len(poses)} pose files but {len(intrinsics)} intrinsics files; '
                            'every image needs one of each.')
+    for pose, k, pose_file, k_file in zip(poses, intrinsics, pose_files, intrinsics_files):
+        check_camera(pose, inverse_intrinsics(k[:3, :3]), f'{pose_file} / {k_file}')
     focal = intrinsics[0, 0, 0]
     if not config.render_path:
         rgb_dir = os.path.join(basedir, 'rgb')
@@ -117,6 +122,10 @@ def load_fvs(config: configs.Config, split: utils.DataSplit, data_dir: str) -> S
             raise DatasetError(f'{os.path.join(basedir, name)} has shape {arr.shape} but {basedir} has {n} '
                                f'im_* images, so it must be {list(shape)}; the images and cameras must match.')
     intrinsics, rot, trans = intrinsics.reshape(n, 3, 3), rot.reshape(n, 3, 3), trans.reshape(n, 3)
+    for i, f in enumerate(files):
+        w2c = np.concatenate([rot[i], trans[i][:, None]], -1)
+        check_camera(w2c, inverse_intrinsics(intrinsics[i]), f'{basedir} Rs.npy / ts.npy / Ks.npy entry {i} '
+                                                             f'({f})')
     images = [load_rgb(os.path.join(basedir, f)) for f in (files[:1] if render_only else files)]
 
     w2c = np.concatenate([rot, trans[..., None]], axis=-1)
