@@ -1,5 +1,5 @@
 """Tests of the NeRF++ / FVS / DTU / LLFF poses_bounds loaders, use_tiffs, and the render paths
-(mipnerf360/datasets.py) against the ground truth of scenes written by mipnerf360/synthetic.py."""
+(mipnerf360/datasets/) against the ground truth of scenes written by mipnerf360/synthetic.py."""
 
 import os
 import shutil
@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from mipnerf360 import camera_utils, configs, datasets, synthetic
+from scenes import load
 
 
 def _config(data_dir, **kw):
@@ -18,6 +19,11 @@ def _config(data_dir, **kw):
 
 def _read(path):
     return np.asarray(Image.open(path), np.float32) / 255.
+
+
+def _image(ds, i):
+    """Image `i` of the sampler's scene in float32 [0, 1] (8-bit images are stored as read, uint8)."""
+    return datasets.image_as_float(ds.scene.images[i])
 
 
 def _map(T, points):
@@ -75,22 +81,23 @@ def test_nerfpp_loader(nerfpp_scene):
     d, truth = nerfpp_scene
     cfg = _config(d, dataset_loader='tat_nerfpp')
     for split in ('train', 'test'):
-        ds = datasets.load_dataset(split, d, cfg)
+        ds = load(split, d, cfg)
         gt = truth[split]
         assert ds.size == len(gt.names)
-        np.testing.assert_allclose(ds.camtoworlds, gt.camtoworlds, atol=1e-12)
-        np.testing.assert_allclose(ds.pixtocams, gt.pixtocams, rtol=1e-6)  # Each image its own intrinsics.
+        np.testing.assert_allclose(ds.scene.camtoworlds, gt.camtoworlds, atol=1e-12)
+        np.testing.assert_allclose(ds.scene.pixtocams, gt.pixtocams, rtol=1e-6)  # Each image its own intrinsics.
         for i, n in enumerate(gt.names):
-            np.testing.assert_array_equal(ds.images[i], _read(os.path.join(d, split, 'rgb', n + '.png')))
+            np.testing.assert_array_equal(_image(ds, i), _read(os.path.join(d, split, 'rgb', n + '.png')))
         for k in range(ds.size):
             _assert_rays_hit_truth(ds, k, gt.camtoworlds[k], gt.pixtocams[k])
     # Render path: poses of camera_path/, size of the first test image, the first path focal length.
-    ds = datasets.load_dataset('test', d, _config(d, dataset_loader='tat_nerfpp', render_path=True))
+    ds = load('test', d, _config(d, dataset_loader='tat_nerfpp', render_path=True))
     gt = truth['camera_path']
-    assert ds.size == 5 and ds.images is None
-    np.testing.assert_allclose(ds.camtoworlds, gt.camtoworlds, atol=1e-12)
+    assert ds.size == 5 and ds.scene.images is None
+    np.testing.assert_allclose(ds.scene.camtoworlds, gt.camtoworlds, atol=1e-12)
     f = 1. / gt.pixtocams[0, 0, 0]
-    np.testing.assert_allclose(ds.pixtocams, np.linalg.inv([[f, 0, 16], [0, f, 12], [0, 0, 1]]), rtol=1e-6)
+    np.testing.assert_allclose(ds.scene.pixtocams, [np.linalg.inv([[f, 0, 16], [0, f, 12], [0, 0, 1]])] * ds.size,
+                               rtol=1e-6)
     b = next(ds)
     assert b.rgb is None and b.rays.origins.shape == (24, 32, 3)
     np.testing.assert_allclose(b.rays.origins[5, 7].numpy(), gt.camtoworlds[0][:, 3], atol=1e-6)
@@ -101,16 +108,16 @@ def test_nerfpp_errors(nerfpp_scene, tmp_path):
     s = shutil.copytree(d, tmp_path / 'a')
     os.remove(s / 'train' / 'pose' / (truth['train'].names[0] + '.txt'))
     with pytest.raises(datasets.DatasetError, match=r'train has 5 pose files but 6 intrinsics files'):
-        datasets.load_dataset('train', str(s), _config(str(s), dataset_loader='tat_nerfpp'))
+        load('train', str(s), _config(str(s), dataset_loader='tat_nerfpp'))
     s = shutil.copytree(d, tmp_path / 'b')
     with open(s / 'train' / 'intrinsics' / (truth['train'].names[1] + '.txt'), 'w') as fp:
         fp.write('1 0 0\n0 1 0\n0 0 1\n')
     with pytest.raises(datasets.DatasetError, match=r'intrinsics.*train_0001.txt holds 9 numbers.*4x4 matrix'):
-        datasets.load_dataset('train', str(s), _config(str(s), dataset_loader='tat_nerfpp'))
+        load('train', str(s), _config(str(s), dataset_loader='tat_nerfpp'))
     s = shutil.copytree(d, tmp_path / 'c')
     os.remove(s / 'test' / 'rgb' / (truth['test'].names[0] + '.png'))
     with pytest.raises(datasets.DatasetError, match=r'rgb has 1 images but .*test/pose has 2 poses'):
-        datasets.load_dataset('test', str(s), _config(str(s), dataset_loader='tat_nerfpp'))
+        load('test', str(s), _config(str(s), dataset_loader='tat_nerfpp'))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,35 +135,37 @@ def test_fvs_loader(fvs_scene, factor, folder, size):
     d, truth = fvs_scene
     gt = truth[folder]
     cfg = _config(d, dataset_loader='tat_fvs', factor=factor)
-    tr = datasets.load_dataset('train', d, cfg)
-    te = datasets.load_dataset('test', d, cfg)
-    assert te.split_names == [gt.names[0], gt.names[8]]
-    assert tr.split_names == [n for i, n in enumerate(gt.names) if i % 8]
-    assert (te.width, te.height) == size
-    T = tr.colmap_to_world_transform
-    np.testing.assert_allclose(np.abs(tr.poses[:, :3, 3]).max(), 1., atol=1e-9)  # PCA-normalised.
+    tr = load('train', d, cfg)
+    te = load('test', d, cfg)
+    assert te.scene.split_names == [gt.names[0], gt.names[8]]
+    assert tr.scene.split_names == [n for i, n in enumerate(gt.names) if i % 8]
+    assert (te.scene.width, te.scene.height) == size
+    T = tr.scene.world_transform
+    np.testing.assert_allclose(np.abs(tr.scene.poses[:, :3, 3]).max(), 1., atol=1e-9)  # PCA-normalised.
     for ds in (tr, te):
-        for i, n in enumerate(ds.split_names):
+        for i, n in enumerate(ds.scene.split_names):
             g = gt.names.index(n)
-            _assert_pose(ds.camtoworlds[i], gt.camtoworlds[g], T)
-            np.testing.assert_allclose(ds.pixtocams[i], gt.pixtocams[g], rtol=1e-6)
-            np.testing.assert_array_equal(ds.images[i], _read(os.path.join(d, 'dense', folder, n)))
+            _assert_pose(ds.scene.camtoworlds[i], gt.camtoworlds[g], T)
+            np.testing.assert_allclose(ds.scene.pixtocams[i], gt.pixtocams[g], rtol=1e-6)
+            np.testing.assert_array_equal(_image(ds, i), _read(os.path.join(d, 'dense', folder, n)))
     for k in (0, 1):
-        _assert_rays_hit_truth(te, k, gt.camtoworlds[te.split_indices[k]], gt.pixtocams[te.split_indices[k]], T)
-    _assert_rays_hit_truth(tr, 3, gt.camtoworlds[tr.split_indices[3]], gt.pixtocams[tr.split_indices[3]], T)
+        g = te.scene.split_indices[k]
+        _assert_rays_hit_truth(te, k, gt.camtoworlds[g], gt.pixtocams[g], T)
+    g = tr.scene.split_indices[3]
+    _assert_rays_hit_truth(tr, 3, gt.camtoworlds[g], gt.pixtocams[g], T)
 
 
 def test_fvs_render_path_is_an_ellipse_around_the_scene(fvs_scene):
     d, _ = fvs_scene
-    ds = datasets.load_dataset('test', d, _config(d, dataset_loader='tat_fvs', render_path=True,
+    ds = load('test', d, _config(d, dataset_loader='tat_fvs', render_path=True,
                                                  render_path_frames=9))
-    assert ds.size == 9 and ds.images is None
-    np.testing.assert_allclose(ds.camtoworlds, ds.render_poses)
+    assert ds.size == 9 and ds.scene.images is None
+    np.testing.assert_allclose(ds.scene.camtoworlds, ds.scene.render_poses)
     # All true cameras look at synthetic.LOOKAT, so the path looks at its image in the dataset world.
-    centre = _map(ds.colmap_to_world_transform, synthetic.LOOKAT[None])[0]
-    assert _axis_distance(ds.camtoworlds, centre).max() < 1e-6
-    np.testing.assert_allclose(ds.camtoworlds[:, 2, 3], 0., atol=1e-9)  # z_variation = 0: a flat ellipse.
-    assert ds.camtoworlds[:, 2, 1].min() > 0  # Upright.
+    centre = _map(ds.scene.world_transform, synthetic.LOOKAT[None])[0]
+    assert _axis_distance(ds.scene.camtoworlds, centre).max() < 1e-6
+    np.testing.assert_allclose(ds.scene.camtoworlds[:, 2, 3], 0., atol=1e-9)  # z_variation = 0: a flat ellipse.
+    assert ds.scene.camtoworlds[:, 2, 1].min() > 0  # Upright.
 
 
 def test_fvs_errors(fvs_scene, tmp_path):
@@ -164,15 +173,15 @@ def test_fvs_errors(fvs_scene, tmp_path):
     s = shutil.copytree(d, tmp_path / 'a')
     os.remove(s / 'dense' / 'ibr3d_pw_0.50' / 'Ks.npy')
     with pytest.raises(datasets.DatasetNotFoundError, match=r'ibr3d_pw_0.50/Ks.npy does not exist.*Rs.npy'):
-        datasets.load_dataset('train', str(s), _config(str(s), dataset_loader='tat_fvs'))
+        load('train', str(s), _config(str(s), dataset_loader='tat_fvs'))
     s = shutil.copytree(d, tmp_path / 'b')
     p = s / 'dense' / 'ibr3d_pw_0.50' / 'ts.npy'
     np.save(p, np.load(p)[:-1])
     with pytest.raises(datasets.DatasetError, match=r'ts.npy has shape \(9, 3\) but .* has 10 im_\* images.*'
                                                     r'\[10, 3\]'):
-        datasets.load_dataset('train', str(s), _config(str(s), dataset_loader='tat_fvs'))
+        load('train', str(s), _config(str(s), dataset_loader='tat_fvs'))
     with pytest.raises(datasets.DatasetError, match=r'Config.factor 2 must be between 0 and 1'):
-        datasets.load_dataset('train', d, _config(d, dataset_loader='tat_fvs', factor=2))
+        load('train', d, _config(d, dataset_loader='tat_fvs', factor=2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,29 +198,29 @@ def test_dtu_loader(dtu_scene):
     d, gt = dtu_scene
     assert len(os.listdir(d)) == 8 * 9  # The reference's image count: files // 8.
     cfg = _config(d, dataset_loader='dtu', factor=2, dtu_light_cond=3, dtuhold=4)
-    tr = datasets.load_dataset('train', d, cfg)
-    te = datasets.load_dataset('test', d, cfg)
-    np.testing.assert_array_equal(te.split_indices, [0, 4, 8])
-    assert tr.size == 6 and (te.width, te.height) == (16, 12)
-    T = tr.colmap_to_world_transform
-    np.testing.assert_allclose(T, te.colmap_to_world_transform)
-    centres = np.concatenate([tr.camtoworlds, te.camtoworlds])[:, :3, 3]
+    tr = load('train', d, cfg)
+    te = load('test', d, cfg)
+    np.testing.assert_array_equal(te.scene.split_indices, [0, 4, 8])
+    assert tr.size == 6 and (te.scene.width, te.scene.height) == (16, 12)
+    T = tr.scene.world_transform
+    np.testing.assert_allclose(T, te.scene.world_transform)
+    centres = np.concatenate([tr.scene.camtoworlds, te.scene.camtoworlds])[:, :3, 3]
     np.testing.assert_allclose(np.abs(centres).max(), 1., atol=1e-9)  # Rescaled to the unit cube.
     for ds in (tr, te):
-        for i, g in enumerate(ds.split_indices):
-            _assert_pose(ds.camtoworlds[i], gt.camtoworlds[g], T)
-            np.testing.assert_allclose(ds.pixtocams[i], gt.pixtocams[g] @ np.diag([2., 2., 1.]), rtol=1e-6,
+        for i, g in enumerate(ds.scene.split_indices):
+            _assert_pose(ds.scene.camtoworlds[i], gt.camtoworlds[g], T)
+            np.testing.assert_allclose(ds.scene.pixtocams[i], gt.pixtocams[g] @ np.diag([2., 2., 1.]), rtol=1e-6,
                                        atol=1e-12)
     # Images: the light-3 files, area-downsampled by 2.
     full = _read(os.path.join(d, gt.names[4]))
-    np.testing.assert_allclose(te.images[1], full.reshape(12, 2, 16, 2, 3).mean((1, 3)), atol=1e-6)
+    np.testing.assert_allclose(te.scene.images[1], full.reshape(12, 2, 16, 2, 3).mean((1, 3)), atol=1e-6)
     for k in range(te.size):
-        _assert_rays_hit_truth(te, k, gt.camtoworlds[te.split_indices[k]],
-                               gt.pixtocams[te.split_indices[k]] @ np.diag([2., 2., 1.]), T)
+        _assert_rays_hit_truth(te, k, gt.camtoworlds[te.scene.split_indices[k]],
+                               gt.pixtocams[te.scene.split_indices[k]] @ np.diag([2., 2., 1.]), T)
     # Light 7 reads the `_max` files (brighter).
-    mx = datasets.load_dataset('test', d, _config(d, dataset_loader='dtu', factor=0, dtu_light_cond=7))
-    np.testing.assert_array_equal(mx.images[0], _read(os.path.join(d, 'rect_001_max.png')))
-    np.testing.assert_allclose(mx.pixtocams[0], gt.pixtocams[0], rtol=1e-6, atol=1e-12)
+    mx = load('test', d, _config(d, dataset_loader='dtu', factor=0, dtu_light_cond=7))
+    np.testing.assert_array_equal(_image(mx, 0), _read(os.path.join(d, 'rect_001_max.png')))
+    np.testing.assert_allclose(mx.scene.pixtocams[0], gt.pixtocams[0], rtol=1e-6, atol=1e-12)
 
 
 def test_dtu_errors(dtu_scene, tmp_path):
@@ -219,21 +228,21 @@ def test_dtu_errors(dtu_scene, tmp_path):
     root = shutil.copytree(os.path.dirname(os.path.dirname(d)), tmp_path / 'a')
     s = str(root / 'Rectified' / 'scan1')
     with pytest.raises(datasets.DatasetError, match='render_path cannot be used with the DTU dataset'):
-        datasets.load_dataset('train', s, _config(s, dataset_loader='dtu', render_path=True))
+        load('train', s, _config(s, dataset_loader='dtu', render_path=True))
     with open(root / 'cal18' / 'pos_002.txt', 'w') as fp:
         fp.write('1 2 3 4\n5 6 seven 8\n9 10 11 12\n')
     with pytest.raises(datasets.DatasetError, match=r'Cannot parse DTU calibration file .*cal18/pos_002.txt.*3x4'):
-        datasets.load_dataset('train', s, _config(s, dataset_loader='dtu'))
+        load('train', s, _config(s, dataset_loader='dtu'))
     np.savetxt(root / 'cal18' / 'pos_002.txt', np.eye(3))
     with pytest.raises(datasets.DatasetError, match=r'pos_002.txt holds an array of shape \(3, 3\).*3x4'):
-        datasets.load_dataset('train', s, _config(s, dataset_loader='dtu'))
+        load('train', s, _config(s, dataset_loader='dtu'))
     os.remove(root / 'cal18' / 'pos_002.txt')
     with pytest.raises(datasets.DatasetNotFoundError, match=r'cal18/pos_002.txt does not exist.*two levels'):
-        datasets.load_dataset('train', s, _config(s, dataset_loader='dtu'))
+        load('train', s, _config(s, dataset_loader='dtu'))
     empty = tmp_path / 'empty'
     os.makedirs(empty)
     with pytest.raises(datasets.DatasetError, match=r'No DTU images \(rect_XXX_\*.png\) in .*empty'):
-        datasets.load_dataset('train', str(empty), _config(str(empty), dataset_loader='dtu'))
+        load('train', str(empty), _config(str(empty), dataset_loader='dtu'))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,18 +277,18 @@ def test_llff_poses_bounds_loader(llff_scene):
     d, info, _ = llff_scene
     assert not os.path.exists(os.path.join(d, 'sparse'))
     cfg = _config(d, factor=2, llffhold=4)
-    tr = datasets.load_dataset('train', d, cfg)
-    te = datasets.load_dataset('test', d, cfg)
-    assert te.split_names == [info.names[i] for i in (0, 4, 8)] and tr.size == 7
-    T = tr.colmap_to_world_transform
+    tr = load('train', d, cfg)
+    te = load('test', d, cfg)
+    assert te.scene.split_names == [info.names[i] for i in (0, 4, 8)] and tr.size == 7
+    T = tr.scene.world_transform
     for ds in (tr, te):
-        for i, n in enumerate(ds.split_names):
+        for i, n in enumerate(ds.scene.split_names):
             g = info.names.index(n)
-            _assert_pose(ds.camtoworlds[i], info.camtoworlds[g], T)
-            np.testing.assert_allclose(ds.pixtocams[i], info.pixtocams[g] @ np.diag([2., 2., 1.]), rtol=1e-6)
-            np.testing.assert_array_equal(ds.images[i], _read(os.path.join(d, 'images_2', n)))
+            _assert_pose(ds.scene.camtoworlds[i], info.camtoworlds[g], T)
+            np.testing.assert_allclose(ds.scene.pixtocams[i], info.pixtocams[g] @ np.diag([2., 2., 1.]), rtol=1e-6)
+            np.testing.assert_array_equal(_image(ds, i), _read(os.path.join(d, 'images_2', n)))
     for k in range(te.size):
-        g = te.split_indices[k]
+        g = te.scene.split_indices[k]
         _assert_rays_hit_truth(te, k, info.camtoworlds[g], info.pixtocams[g] @ np.diag([2., 2., 1.]), T)
 
 
@@ -287,19 +296,19 @@ def test_llff_forward_facing_spiral(llff_scene):
     """Forward-facing: poses scaled by 1 / (0.75 near_min) and recentred; the spiral path (render_path_frames
     poses) looks at the point at the focus depth on the average camera's axis, computed from the bounds."""
     d, info, bounds = llff_scene
-    ds = datasets.load_dataset('test', d, _config(d, factor=2, forward_facing=True, render_path=True,
+    ds = load('test', d, _config(d, factor=2, forward_facing=True, render_path=True,
                                                  render_path_frames=11))
-    assert ds.size == 11 and ds.images is None
-    T = ds.colmap_to_world_transform
+    assert ds.size == 11 and ds.scene.images is None
+    T = ds.scene.world_transform
     scale = 1. / (0.75 * bounds.min())
     np.testing.assert_allclose(np.cbrt(np.linalg.det(T[:3, :3])), scale, rtol=1e-9)
     for g in range(len(info.names)):
-        _assert_pose(ds.poses[g], info.camtoworlds[g], T)
-    np.testing.assert_allclose(camera_utils.average_pose(ds.poses), np.eye(4)[:3], atol=1e-9)  # Recentred.
+        _assert_pose(ds.scene.poses[g], info.camtoworlds[g], T)
+    np.testing.assert_allclose(camera_utils.average_pose(ds.scene.poses), np.eye(4)[:3], atol=1e-9)  # Recentred.
     near, far = bounds.min() * scale * 0.9, bounds.max() * scale * 5.
     focus = 1. / (0.25 / near + 0.75 / far)
-    assert _axis_distance(ds.camtoworlds, np.array([0., 0., -focus])).max() < 1e-6
-    np.testing.assert_allclose(ds.camtoworlds, ds.render_poses)
+    assert _axis_distance(ds.scene.camtoworlds, np.array([0., 0., -focus])).max() < 1e-6
+    np.testing.assert_allclose(ds.scene.camtoworlds, ds.scene.render_poses)
     # Rays are cast in NDC: the render cameras' rays start on the near plane z = -1.
     b = ds.generate_ray_batch(3)
     assert b.rgb is None
@@ -312,11 +321,11 @@ def test_llff_poses_bounds_errors(llff_scene, tmp_path):
     np.save(s / 'poses_bounds.npy', np.load(s / 'poses_bounds.npy')[:, :15])
     with pytest.raises(datasets.DatasetError,
                        match=r'poses_bounds.npy has shape \(10, 15\) but must be \[N, 17\]'):
-        datasets.load_dataset('train', str(s), _config(str(s), factor=2))
+        load('train', str(s), _config(str(s), factor=2))
     s = shutil.copytree(d, tmp_path / 'b')
     np.save(s / 'poses_bounds.npy', np.load(s / 'poses_bounds.npy')[:9])
     with pytest.raises(datasets.DatasetError, match=r'poses_bounds.npy has 9 poses but .*images has 10 images'):
-        datasets.load_dataset('train', str(s), _config(str(s), factor=2))
+        load('train', str(s), _config(str(s), factor=2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,13 +341,13 @@ def colmap_scene(tmp_path_factory):
 
 def test_ellipse_render_path(colmap_scene):
     d, info = colmap_scene
-    ds = datasets.load_dataset('test', d, _config(d, factor=4, render_path=True, render_path_frames=13))
-    assert ds.size == 13 and ds.images is None
-    centre = _map(ds.colmap_to_world_transform, synthetic.LOOKAT[None])[0]
-    assert _axis_distance(ds.camtoworlds, centre).max() < 1e-6  # All look at the scene centre.
-    np.testing.assert_allclose(ds.camtoworlds[:, 2, 3], 0., atol=1e-9)
+    ds = load('test', d, _config(d, factor=4, render_path=True, render_path_frames=13))
+    assert ds.size == 13 and ds.scene.images is None
+    centre = _map(ds.scene.world_transform, synthetic.LOOKAT[None])[0]
+    assert _axis_distance(ds.scene.camtoworlds, centre).max() < 1e-6  # All look at the scene centre.
+    np.testing.assert_allclose(ds.scene.camtoworlds[:, 2, 3], 0., atol=1e-9)
     # A closed loop around the centre: the azimuths cover the circle once, in order.
-    rel = ds.camtoworlds[:, :2, 3] - centre[:2]
+    rel = ds.scene.camtoworlds[:, :2, 3] - centre[:2]
     step = np.angle(np.exp(1j * np.diff(np.arctan2(rel[:, 1], rel[:, 0]))))
     assert np.all(step > 0) or np.all(step < 0)
     np.testing.assert_allclose(np.abs(step).sum() + np.abs(np.angle(
@@ -352,13 +361,13 @@ def test_spline_render_path_from_file_and_directory(colmap_scene, tmp_path):
     key_file = tmp_path / 'keys.txt'
     key_file.write_text('\n'.join(keys + ['not_an_image.png']) + '\n')
     kw = dict(factor=4, render_path=True, render_spline_n_interp=6, render_spline_smoothness=0.)
-    ds = datasets.load_dataset('test', d, _config(d, render_spline_keyframes=str(key_file), **kw))
-    np.testing.assert_array_equal(ds.spline_indices, [1, 4, 7, 10])
-    assert ds.size == 6 * 3 and ds.images is None
-    kf = ds.poses[ds.spline_indices]
+    ds = load('test', d, _config(d, render_spline_keyframes=str(key_file), **kw))
+    np.testing.assert_array_equal(ds.scene.spline_indices, [1, 4, 7, 10])
+    assert ds.size == 6 * 3 and ds.scene.images is None
+    kf = ds.scene.poses[ds.scene.spline_indices]
     # With no smoothing the spline starts at the first keyframe and passes through every keyframe centre.
-    np.testing.assert_allclose(ds.camtoworlds[0], kf[0], atol=1e-6)
-    path = ds.camtoworlds[:, :3, 3]
+    np.testing.assert_allclose(ds.scene.camtoworlds[0], kf[0], atol=1e-6)
+    path = ds.scene.camtoworlds[:, :3, 3]
     max_step = np.linalg.norm(np.diff(path, axis=0), axis=-1).max()
     for c in kf[1:-1, :3, 3]:
         assert np.linalg.norm(path - c, axis=-1).min() < 0.6 * max_step
@@ -367,30 +376,30 @@ def test_spline_render_path_from_file_and_directory(colmap_scene, tmp_path):
     os.makedirs(key_dir)
     for n in keys:
         shutil.copy(os.path.join(d, 'images', n), key_dir / n)
-    ds2 = datasets.load_dataset('test', d, _config(d, render_spline_keyframes=str(key_dir), **kw))
-    np.testing.assert_allclose(ds2.camtoworlds, ds.camtoworlds, atol=1e-12)
+    ds2 = load('test', d, _config(d, render_spline_keyframes=str(key_dir), **kw))
+    np.testing.assert_allclose(ds2.scene.camtoworlds, ds.scene.camtoworlds, atol=1e-12)
     with pytest.raises(ValueError, match='at least 2 keyframes'):
         (tmp_path / 'one.txt').write_text(names[0] + '\n')
-        datasets.load_dataset('test', d, _config(d, render_spline_keyframes=str(tmp_path / 'one.txt'), **kw))
+        load('test', d, _config(d, render_spline_keyframes=str(tmp_path / 'one.txt'), **kw))
 
 
 def test_render_path_file(colmap_scene, tmp_path):
     d, _ = colmap_scene
     poses = camera_utils.pad_poses(synthetic.ring_poses(5, radius=0.8, target=np.zeros(3)))
     np.save(tmp_path / 'path.npy', poses)
-    ds = datasets.load_dataset('test', d, _config(d, factor=4, render_path=True,
+    ds = load('test', d, _config(d, factor=4, render_path=True,
                                                  render_path_file=str(tmp_path / 'path.npy')))
     assert ds.size == 5
-    np.testing.assert_allclose(ds.camtoworlds, poses[:, :3], atol=1e-12)
+    np.testing.assert_allclose(ds.scene.camtoworlds, poses[:, :3], atol=1e-12)
     for k in (0, 4):
         o = ds.generate_ray_batch(k).rays.origins.numpy()
         np.testing.assert_allclose(o.reshape(-1, 3), np.broadcast_to(poses[k, :3, 3], (6 * 8, 3)), atol=1e-6)
     np.save(tmp_path / 'bad.npy', poses[:, :2])
     with pytest.raises(datasets.DatasetError, match=r'bad.npy holds an array of shape \(5, 2, 4\).*\[N, 3, 4\]'):
-        datasets.load_dataset('test', d, _config(d, factor=4, render_path=True,
+        load('test', d, _config(d, factor=4, render_path=True,
                                                  render_path_file=str(tmp_path / 'bad.npy')))
     with pytest.raises(datasets.DatasetNotFoundError, match=r'nope.npy does not exist.*render_path_file'):
-        datasets.load_dataset('test', d, _config(d, factor=4, render_path=True,
+        load('test', d, _config(d, factor=4, render_path=True,
                                                  render_path_file=str(tmp_path / 'nope.npy')))
 
 
@@ -408,25 +417,26 @@ def blender_scene(tmp_path_factory):
 def test_blender_orbit_render_path(blender_scene, split):
     d, metas = blender_scene
     cfg = _config(d, dataset_loader='blender', render_path=True, render_path_frames=10)
-    ds = datasets.load_dataset(split, d, cfg)
-    assert ds.size == 10 and ds.images is None
+    ds = load(split, d, cfg)
+    assert ds.size == 10 and ds.scene.images is None
     test_c2w = np.array([f['transform_matrix'] for f in metas['test']['frames']])[:, :3]
-    c = ds.camtoworlds[:, :3, 3]
+    c = ds.scene.camtoworlds[:, :3, 3]
     gc = test_c2w[:, :, 3]
     # At the test cameras' (median) distance and elevation, looking at the scene centre (the origin).
     np.testing.assert_allclose(np.linalg.norm(c, axis=-1), np.median(np.linalg.norm(gc, axis=-1)), rtol=1e-6)
     elev = lambda p: np.arcsin(p[:, 2] / np.linalg.norm(p, axis=-1))
     np.testing.assert_allclose(elev(c), np.median(elev(gc)), atol=1e-6)  # (The json poses are float32.)
-    assert _axis_distance(ds.camtoworlds, np.zeros(3)).max() < 1e-6
-    np.testing.assert_allclose(ds.camtoworlds[:, 2, 0], 0., atol=1e-9)  # Level: camera x is horizontal.
-    assert ds.camtoworlds[:, 2, 1].min() > 0  # Upright.
+    assert _axis_distance(ds.scene.camtoworlds, np.zeros(3)).max() < 1e-6
+    np.testing.assert_allclose(ds.scene.camtoworlds[:, 2, 0], 0., atol=1e-9)  # Level: camera x is horizontal.
+    assert ds.scene.camtoworlds[:, 2, 1].min() > 0  # Upright.
     az = np.arctan2(c[:, 1], c[:, 0])
     np.testing.assert_allclose(np.angle(np.exp(1j * np.diff(az))), 2 * np.pi / 10, atol=1e-9)  # Even steps.
     np.testing.assert_allclose(az[0], np.arctan2(gc[0, 1], gc[0, 0]), atol=1e-6)
     b = ds.generate_ray_batch(0)
     assert b.rgb is None
     focal = 8. / np.tan(0.5 * metas['test']['camera_angle_x'])
-    np.testing.assert_allclose(np.linalg.inv(ds.pixtocams), [[focal, 0, 8], [0, focal, 8], [0, 0, 1]], rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.inv(ds.scene.pixtocams), [[[focal, 0, 8], [0, focal, 8], [0, 0, 1]]] * ds.size,
+                               rtol=1e-6)
     np.testing.assert_allclose(b.rays.origins[3, 4].numpy(), c[0], atol=1e-6)
 
 
@@ -450,14 +460,14 @@ def test_blender_use_tiffs(blender_scene, tmp_path):
         a = lin[..., 3:].astype(np.float64)
         want.append((_srgb(lin[..., :3].astype(np.float64)) * a + 1. - a, disp))
         os.remove(str(s / fr['file_path']) + '.png')  # Only the TIFFs are read.
-    ds = datasets.load_dataset('test', str(s), _config(str(s), dataset_loader='blender', use_tiffs=True,
+    ds = load('test', str(s), _config(str(s), dataset_loader='blender', use_tiffs=True,
                                                        compute_disp_metrics=True))
     for i, (img, disp) in enumerate(want):
-        np.testing.assert_allclose(ds.images[i], img, atol=1e-5)
-        np.testing.assert_array_equal(ds.disp_images[i], disp)
-    np.testing.assert_array_equal(ds.images[:, :4], 1.)  # Transparent rows are the white background.
+        np.testing.assert_allclose(ds.scene.images[i], img, atol=1e-5)
+        np.testing.assert_array_equal(ds.scene.disp_images[i], disp)
+    np.testing.assert_array_equal(ds.scene.images[:, :4], 1.)  # Transparent rows are the white background.
     b = ds.generate_ray_batch(1)
-    np.testing.assert_array_equal(b.rgb.numpy(), ds.images[1])
+    np.testing.assert_array_equal(b.rgb.numpy(), ds.scene.images[1])
     np.testing.assert_array_equal(b.disps.numpy(), want[1][1])
 
 

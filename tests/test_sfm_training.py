@@ -4,8 +4,8 @@ A textured 360 scene is ray-traced by mipnerf360.synthetic (30 views, 320x240) a
 true COLMAP model is deleted. The images are posed exactly as a user would, with `python -m mipnerf360.colmap DIR`
 (pycolmap SfM on the CPU, default OPENCV camera model; one thread, for reproducibility), which also writes
 `images_4`. A tiny mip-NeRF 360 (configs/360.gin with small MLPs) is then trained on the SfM poses through the
-real loader (`datasets.load_dataset`, dataset_loader 'llff', llffhold 8 -> 26 training and 4 held-out views) and
-`train_utils.train_step`, and the held-out views are rendered with their SfM poses.
+real loader (`datasets.load_scene`, `RaySampler`; dataset_loader 'llff', llffhold 8 -> 26 training and 4 held-out
+views) and `train_utils.train_step`, and the held-out views are rendered with their SfM poses.
 
 Calibration (450 steps on 80x60 images; mean PSNR of the 4 held-out views; SfM with one thread is
 deterministic, and so is training with OMP_NUM_THREADS=1):
@@ -109,8 +109,8 @@ def trained(sfm_scene):
     try:
         config = configs.load_config(save_config=False, gin_configs=['configs/360.gin'],
                                      gin_bindings=[f"Config.data_dir = '{scene}'"] + TINY_BINDINGS)
-        train_ds = datasets.load_dataset('train', config.data_dir, config, device='cpu')
-        test_ds = datasets.load_dataset('test', config.data_dir, config, device='cpu')
+        train_ds = datasets.Prefetcher(datasets.RaySampler(datasets.load_scene(config, 'train'), config, 'cpu'))
+        test_ds = datasets.RaySampler(datasets.load_scene(config, 'test'), config, 'cpu')
         model = models.construct_model(config=config, seed=0)
     finally:
         gin.clear_config()  # The model and Config hold their values; leave no bindings to other test modules.
@@ -158,21 +158,22 @@ def test_sfm_cli_poses_every_view_for_the_loader(sfm_scene, trained):
     train_ds, test_ds = trained['train_ds'], trained['test_ds']
     # llffhold = 8 over the 30 names in alphabetical order: views 0, 8, 16, 24 are held out.
     assert test_ds.size == 4 and train_ds.size == N_VIEWS - 4
-    assert list(test_ds.image_names) == info.names and list(test_ds.split_names) == info.names[::8]
+    assert list(test_ds.scene.image_names) == info.names and list(test_ds.scene.split_names) == info.names[::8]
     for ds in (train_ds, test_ds):
-        assert list(ds.widths) == [WIDTH // FACTOR] * ds.size and list(ds.heights) == [HEIGHT // FACTOR] * ds.size
+        assert list(ds.scene.widths) == [WIDTH // FACTOR] * ds.size
+        assert list(ds.scene.heights) == [HEIGHT // FACTOR] * ds.size
     # The loader's (PCA-normalised) camera centres are the true ones up to a similarity, to 2% of the ring
     # radius; and its images are the rendered views (so images and poses are paired by name correctly).
-    names = test_ds.image_names
+    names = test_ds.scene.image_names
     gt = np.stack([info.camtoworlds[info.names.index(n)] for n in names])
-    poses = np.asarray(test_ds.poses)
+    poses = np.asarray(test_ds.scene.poses)
     s, rot, t = _similarity_align(poses[:, :3, 3], gt[:, :3, 3])
     err = np.linalg.norm(s * poses[:, :3, 3] @ rot.T + t - gt[:, :3, 3], axis=-1)
     assert err.max() < 0.02 * 3.0, err.max()
     np.testing.assert_allclose(rot @ poses[:, :3, :3], gt[:, :3, :3], atol=0.05)  # About 1-1.5 degrees seen.
-    for k, name in enumerate(test_ds.split_names):
+    for k, name in enumerate(test_ds.scene.split_names):
         small = utils.load_img(os.path.join(scene, f'images_{FACTOR}', name))[..., :3] / 255.
-        np.testing.assert_allclose(test_ds.images[k], small, atol=1e-6)
+        np.testing.assert_allclose(datasets.image_as_float(test_ds.scene.images[k]), small, atol=1e-6)
 
 
 @pytest.fixture(scope='module')
@@ -180,7 +181,7 @@ def heldout(trained):
     """Held-out renders from the SfM poses: per-view PSNRs and mean-colour baselines (dB)."""
     model, config, train_ds, test_ds = trained['model'], trained['config'], trained['train_ds'], trained['test_ds']
     t0 = time.time()
-    mean_rgb = np.mean([np.asarray(im).reshape(-1, 3).mean(0) for im in train_ds.images], axis=0)
+    mean_rgb = np.mean([datasets.image_as_float(im).reshape(-1, 3).mean(0) for im in train_ds.scene.images], axis=0)
     views = _test_views(test_ds)
     rgbs = [_render(model, config, rays) for rays, _ in views]
     psnrs = [_psnr(rgb, gt) for rgb, (_, gt) in zip(rgbs, views)]
@@ -207,7 +208,7 @@ def test_sfm_pose_is_where_the_heldout_view_fits_best(trained, heldout):
     to the other views' SfM poses) places where that view's image really is. Calibration: the loss grows
     steadily with the angle, 0.1-0.4 dB at 2 degrees, 1.3-2.6 dB at 8 degrees, the same in both directions."""
     model, config, test_ds = trained['model'], trained['config'], trained['test_ds']
-    centres = np.asarray(test_ds.poses)[:, :3, 3]
+    centres = np.asarray(test_ds.scene.poses)[:, :3, 3]
     centre = centres.mean(0)
     axis = np.linalg.svd(centres - centre)[2][-1]  # Normal of the (near-planar) ring of cameras.
     k = np.array([[0., -axis[2], axis[1]], [axis[2], 0., -axis[0]], [-axis[1], axis[0], 0.]])

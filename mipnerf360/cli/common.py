@@ -15,7 +15,7 @@ import inspect
 import os
 import re
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from absl import app, flags
@@ -172,8 +172,12 @@ def distributed_env():
     return rank, world, local
 
 
-def load_dataset(split: str, config: configs.Config, device: torch.device, rank: int = 0, world_size: int = 1):
-    return datasets.load_dataset(split, config.data_dir, config, device=device, rank=rank, world_size=world_size)
+def load_dataset(split: str, config: configs.Config, device: torch.device, rank: int = 0, world_size: int = 1
+                 ) -> Union[datasets.Prefetcher, datasets.RaySampler]:
+    """The split's rays on `device`: a `Prefetcher` (training batches from a thread) for 'train', else a
+    `RaySampler` (whole images)."""
+    sampler = datasets.RaySampler(datasets.load_scene(config, split), config, device, rank, world_size)
+    return datasets.Prefetcher(sampler) if split == 'train' else sampler
 
 
 def require_checkpoint(config: configs.Config) -> str:

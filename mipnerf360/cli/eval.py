@@ -30,7 +30,7 @@ def _to_numpy(tree):
 
 def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, log=print):
     """Renders every test image, computes the metrics and writes them; returns the metrics.json dict."""
-    postprocess_fn = dataset.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
+    postprocess_fn = dataset.scene.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
     cc_fun = raw_utils.match_images_affine if config.eval_raw_affine_cc else image.color_correct
     metric_harness = image.MetricHarness()
     if config.eval_save_output:

@@ -109,7 +109,7 @@ def main(unused_argv):
     model = models.Model(config=config).to(device)
     step = common.restore_model(model, config, device, path=ckpt_path)
     print(f'Rendering checkpoint {ckpt_path} (step {step}) to {out_dir}.', flush=True)
-    postprocess_fn = dataset.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
+    postprocess_fn = dataset.scene.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
     path_fn = lambda x: os.path.join(out_dir, x)
     zpad = max(3, len(str(dataset.size - 1)))
     idx_to_str = lambda i: str(i).zfill(zpad)
