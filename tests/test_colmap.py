@@ -179,7 +179,9 @@ def test_shell_script_with_fake_colmap(scene, tmp_path):
                     'if [ "$1" = mapper ]; then\n'
                     '  out=""; while [ $# -gt 0 ]; do [ "$1" = --output_path ] && out=$2; shift; done\n'
                     f'  mkdir -p "$out/0" && cp {d}/sparse/0/* "$out/0/"\n'
-                    'fi\n')
+                    'fi\n'
+                    '[ "$1" = model_analyzer ] && echo "Registered images: 10"\n'
+                    'exit 0\n')
     fake.chmod(0o755)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PATH=f'{bindir}:{os.environ["PATH"]}', USE_GPU='0', PYTHON=sys.executable,
@@ -188,10 +190,11 @@ def test_shell_script_with_fake_colmap(scene, tmp_path):
                           'OPENCV_FISHEYE'], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     calls = log.read_text().splitlines()
-    assert [c.split()[0] for c in calls] == ['feature_extractor', 'exhaustive_matcher', 'mapper']
+    assert [c.split()[0] for c in calls] == ['feature_extractor', 'exhaustive_matcher', 'mapper', 'model_analyzer']
     assert '--ImageReader.camera_model OPENCV_FISHEYE' in calls[0] and '--SiftExtraction.use_gpu 0' in calls[0]
     assert '--SiftMatching.use_gpu 0' in calls[1]
     assert '--Mapper.ba_global_function_tolerance=0.000001' in calls[2]
+    assert 'Registered 10 / 10 images' in res.stdout
     assert os.path.isfile(data / 'sparse' / '0' / 'images.txt')
     for f, size in ((2, (16, 12)), (4, (8, 6)), (8, (4, 3))):
         assert Image.open(data / f'images_{f}' / 'img_000.png').size == size
