@@ -169,10 +169,10 @@ def test_pycolmap_sfm_registers_every_view(tmp_path):
     np.testing.assert_array_equal(pixtocams2, pixtocams)
 
 
-def test_shell_script_with_fake_colmap(scene, tmp_path):
-    """scripts/local_colmap_and_resize.sh calls feature_extractor / exhaustive_matcher / mapper with the
-    multinerf arguments and writes images_2/4/8 (ImageMagick if present, else PIL)."""
-    import subprocess
+@pytest.fixture
+def fake_colmap(scene, tmp_path):
+    """A photo folder and a fake `colmap` on PATH that logs its arguments (the mapper copies the true model);
+    returns (data_dir, log file, env, script path)."""
     import sys
     d, _ = scene
     data = tmp_path / 'data'
@@ -193,8 +193,16 @@ def test_shell_script_with_fake_colmap(scene, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PATH=f'{bindir}:{os.environ["PATH"]}', USE_GPU='0', PYTHON=sys.executable,
                PYTHONPATH=root)
-    res = subprocess.run(['bash', os.path.join(root, 'scripts', 'local_colmap_and_resize.sh'), str(data),
-                          'OPENCV_FISHEYE'], env=env, capture_output=True, text=True, timeout=60)
+    return data, log, env, os.path.join(root, 'scripts', 'local_colmap_and_resize.sh')
+
+
+def test_shell_script_with_fake_colmap(fake_colmap):
+    """scripts/local_colmap_and_resize.sh calls feature_extractor / exhaustive_matcher / mapper with the
+    multinerf arguments and writes images_2/4/8 (ImageMagick if present, else PIL)."""
+    import subprocess
+    data, log, env, script = fake_colmap
+    res = subprocess.run(['bash', script, str(data), 'OPENCV_FISHEYE'], env=env, capture_output=True, text=True,
+                         timeout=60)
     assert res.returncode == 0, res.stderr
     calls = log.read_text().splitlines()
     assert [c.split()[0] for c in calls] == ['feature_extractor', 'exhaustive_matcher', 'mapper', 'model_analyzer']
@@ -207,9 +215,37 @@ def test_shell_script_with_fake_colmap(scene, tmp_path):
         assert Image.open(data / f'images_{f}' / 'img_000.png').size == size
     # Without the binary: a clear error pointing to the pycolmap route.
     env['COLMAP'] = 'no-such-colmap'
-    res = subprocess.run(['bash', os.path.join(root, 'scripts', 'local_colmap_and_resize.sh'), str(data)],
+    res = subprocess.run(['bash', script, str(data)],
                          env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and 'python -m mipnerf360.colmap' in res.stderr
+
+
+def test_shell_script_options_with_fake_colmap(fake_colmap):
+    """MATCHER=sequential and HARD=2 pass the hard-capture settings (HARD_SETTINGS' values); bad options fail
+    with one line naming the option."""
+    import subprocess
+    data, log, env, script = fake_colmap
+    res = subprocess.run(['bash', script, str(data)], env=dict(env, MATCHER='sequential', HARD='2'),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ['feature_extractor', 'sequential_matcher', 'mapper', 'model_analyzer']
+    h = colmap.HARD_SETTINGS
+    assert (f'--SiftExtraction.peak_threshold {h.peak_threshold} --SiftExtraction.domain_size_pooling 1 '
+            f'--SiftExtraction.max_num_features {h.max_num_features}') in calls[0]
+    assert (f'--SiftMatching.min_num_inliers {h.two_view_min_num_inliers} --SiftMatching.guided_matching 1'
+            in calls[1])
+    assert (f'--Mapper.min_num_matches {h.min_num_matches} --Mapper.init_min_num_inliers '
+            f'{h.init_min_num_inliers} --Mapper.init_min_tri_angle {h.init_min_tri_angle:g} '
+            f'--Mapper.abs_pose_min_num_inliers {h.abs_pose_min_num_inliers} '
+            f'--Mapper.abs_pose_min_inlier_ratio {h.abs_pose_min_inlier_ratio}') in calls[2]
+    for extra, args, message in [({'MATCHER': 'vocab_tree'}, [], 'MATCHER=vocab_tree needs VOCAB_TREE=path'),
+                                 ({'HARD': '3'}, [], "HARD='3' is not 0, 1 or 2"),
+                                 ({}, ['FULL_OPENCV'], "camera model 'FULL_OPENCV' is not one the loader reads")]:
+        res = subprocess.run(['bash', script, str(data)] + args, env=dict(env, **extra), capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 1 and len(res.stderr.splitlines()) == 1 and message in res.stderr, res.stderr
+
 
 
 def _ring_photos(path, n_views, width, height):
