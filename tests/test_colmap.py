@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mipnerf360 import camera_utils, colmap, synthetic
+from test_sfm_training import photos_only
 
 
 @pytest.fixture(scope='module')
@@ -248,18 +249,10 @@ def test_shell_script_options_with_fake_colmap(fake_colmap):
 
 
 
-def _ring_photos(path, n_views, width, height):
-    """Images only of a ray-traced ring capture (the true model deleted), as a user's photos."""
-    info = synthetic.write_colmap_scene(str(path), n_views=n_views, width=width, height=height, factors=(),
-                                        supersample=1)
-    shutil.rmtree(path / 'sparse')
-    return info
-
-
 def test_pycolmap_retry_registers_a_hard_capture(tmp_path, capsys):
     """A 30-view 128x96 capture registers 2 views with the default SIFT / mapper settings and all 30 after the
     retry with HARD_SETTINGS, near the true camera centres; the report says so. About 20 s (DSP-SIFT)."""
-    info = _ring_photos(tmp_path, 30, 128, 96)
+    info = photos_only(str(tmp_path), 30, 128, 96)
     assert colmap.main([str(tmp_path), '--factors', '2']) == 0
     out = capsys.readouterr().out
     assert 'retrying with settings for hard captures' in out and 'Registered 30 / 30 images' in out
@@ -281,7 +274,7 @@ def test_pycolmap_retry_registers_a_hard_capture(tmp_path, capsys):
 
 
 def test_pycolmap_no_retry_and_report_lists_left_out_images(tmp_path):
-    _ring_photos(tmp_path, 30, 128, 96)
+    photos_only(str(tmp_path), 30, 128, 96)
     rec = colmap.run_sfm(str(tmp_path), factors=(), retry=False, verbose=False)
     with open(tmp_path / 'sparse' / colmap.REPORT_NAME) as f:
         report = json.load(f)
@@ -291,6 +284,6 @@ def test_pycolmap_no_retry_and_report_lists_left_out_images(tmp_path):
 
 
 def test_min_registered_must_be_a_fraction(tmp_path):
-    _ring_photos(tmp_path, 2, 32, 24)
+    photos_only(str(tmp_path), 2, 32, 24)
     with pytest.raises(colmap.ColmapError, match='--min_registered 90.0 is not a fraction'):
         colmap.run_sfm(str(tmp_path), min_registered=90.)

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from mipnerf360 import colmap, synthetic
-from test_sfm_training import _similarity_align, heldout_psnrs, train_tiny
+from test_sfm_training import _similarity_align, heldout_psnrs, photos_only, train_tiny
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which('colmap') is None,
@@ -37,9 +37,7 @@ TRAIN_STEPS = 300
 def binary_scene(tmp_path_factory):
     scene = str(tmp_path_factory.mktemp('binary_scene'))
     t0 = time.time()
-    info = synthetic.write_colmap_scene(scene, n_views=N_VIEWS, width=WIDTH, height=HEIGHT, factors=(),
-                                        supersample=1, seed=0)
-    shutil.rmtree(os.path.join(scene, 'sparse'))
+    info = photos_only(scene, N_VIEWS, WIDTH, HEIGHT)
     t1 = time.time()
     env = dict(os.environ, HARD='1', NUM_THREADS='2', USE_GPU='0', PYTHON=sys.executable, PYTHONPATH=REPO)
     proc = subprocess.run(['bash', os.path.join(REPO, 'scripts', 'local_colmap_and_resize.sh'), scene],

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mipnerf360 import checkpoints, photos, synthetic, utils
-from test_sfm_training import TINY_BINDINGS, _psnr
+from mipnerf360 import checkpoints, photos, utils
+from test_sfm_training import TINY_BINDINGS, _psnr, photos_only
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +27,7 @@ STEPS = 300
 @pytest.fixture(scope='module')
 def journey(tmp_path_factory):
     scene = str(tmp_path_factory.mktemp('photos'))
-    synthetic.write_colmap_scene(scene, n_views=30, width=320, height=240, factors=(), supersample=1, seed=0)
-    shutil.rmtree(os.path.join(scene, 'sparse'))
+    photos_only(scene, 30, 320, 240)
     bindings = TINY_BINDINGS + ['Config.render_path_frames = 3', 'Config.checkpoint_every = 1000',
                                 'Config.print_every = 100']
     argv = [scene, '--preset', 'cpu', '--steps', str(STEPS), '--factor', '4', '--sfm', 'pycolmap']

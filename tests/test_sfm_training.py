@@ -79,14 +79,21 @@ def _similarity_align(src: np.ndarray, dst: np.ndarray):
     return s, rot, mu_d - s * rot @ mu_s
 
 
+def photos_only(scene: str, n_views: int, width: int, height: int) -> synthetic.SceneInfo:
+    """Writes a ray-traced ring capture's images to `scene/images` and deletes its true model (a user's photos);
+    returns the ground truth."""
+    info = synthetic.write_colmap_scene(scene, n_views=n_views, width=width, height=height, factors=(),
+                                        supersample=1, seed=0)
+    shutil.rmtree(os.path.join(scene, 'sparse'))
+    return info
+
+
 @pytest.fixture(scope='module')
 def sfm_scene(tmp_path_factory):
     """Images only (true model deleted), posed by `python -m mipnerf360.colmap`; returns (dir, info, proc)."""
     scene = str(tmp_path_factory.mktemp('sfm_scene'))
     t0 = time.time()
-    info = synthetic.write_colmap_scene(scene, n_views=N_VIEWS, width=WIDTH, height=HEIGHT, factors=(),
-                                        supersample=1, seed=0)
-    shutil.rmtree(os.path.join(scene, 'sparse'))
+    info = photos_only(scene, N_VIEWS, WIDTH, HEIGHT)
     t1 = time.time()
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')
