@@ -8,11 +8,16 @@ matrix per image `[N, 3, 3]` (the reference assumes a single shared camera; seve
 SfM (pure pip, CPU): `python -m mipnerf360.colmap DIR [--camera_model OPENCV]` extracts SIFT features from
 `DIR/images`, matches them exhaustively, runs incremental mapping, writes the largest model to `DIR/sparse/0`
 and the downsampled copies `DIR/images_{2,4,8}`, as scripts/local_colmap_and_resize.sh does with the binary.
+Single-threaded by default, so that the same photos give the same model; when fewer than 90% of the photos
+register it retries with settings for hard captures, and it writes `DIR/sparse/colmap_report.json`
+(registered / total images, mean reprojection error, the images left out, each attempt).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -201,25 +206,38 @@ def resize_images(data_dir: str, factors: Sequence[int] = (2, 4, 8), overwrite: 
                 small.save(out, **kwargs)
 
 
-def run_sfm(data_dir: str, camera_model: str = 'OPENCV', single_camera: bool = True,
-            factors: Sequence[int] = (2, 4, 8), num_threads: int = -1, max_num_features: int = 8192,
-            seed: int = 0, verbose: bool = True):
-    """Runs CPU SfM with pycolmap on `data_dir/images`; writes `database.db`, `sparse/0` and `images_{f}`.
+@dataclasses.dataclass(frozen=True)
+class SfmSettings:
+    """One attempt's SIFT, matching and mapper settings (pycolmap 4 option names)."""
+    name: str
+    peak_threshold: float = 0.02 / 3  # COLMAP's default: 0.02 / octave_resolution.
+    domain_size_pooling: bool = False
+    max_num_features: int = 8192
+    guided_matching: bool = False
+    min_num_matches: int = 15  # Fewest verified matches for an image pair to count.
+    two_view_min_num_inliers: int = 15
+    init_min_num_inliers: int = 100
+    init_min_tri_angle: float = 16.
+    abs_pose_min_num_inliers: int = 30
+    abs_pose_min_inlier_ratio: float = 0.25
 
-    Returns the reconstruction written to `sparse/0` (the one with the most registered images).
-    """
+
+DEFAULT_SETTINGS = SfmSettings('default')
+# For small, blurry or low-texture photos: more, weaker (DSP-)SIFT features, guided matching and a mapper that
+# starts from, and registers with, fewer inliers.
+HARD_SETTINGS = SfmSettings('hard', peak_threshold=0.002, domain_size_pooling=True, max_num_features=16384,
+                            guided_matching=True, min_num_matches=8, two_view_min_num_inliers=8,
+                            init_min_num_inliers=30, init_min_tri_angle=4., abs_pose_min_num_inliers=12,
+                            abs_pose_min_inlier_ratio=0.1)
+REPORT_NAME = 'colmap_report.json'  # Written to DIR/sparse/, next to the model in DIR/sparse/0.
+
+
+def _sfm_attempt(data_dir: str, settings: SfmSettings, camera_model: str, single_camera: bool, num_threads: int,
+                 seed: int, verbose: bool):
+    """Extracts, matches and maps `data_dir/images` with `settings`; returns the largest model or None."""
     import pycolmap
     image_dir = os.path.join(data_dir, 'images')
-    if not os.path.isdir(image_dir):
-        raise ColmapError(f'No image folder {image_dir}; put your photos in DIR/images and run again.')
-    names = list_images(image_dir)
-    if len(names) < 2:
-        raise ColmapError(f'Found {len(names)} images in {image_dir}; SfM needs at least 2 (better 20+).')
-    if camera_model not in SUPPORTED_CAMERA_MODELS:
-        raise ColmapError(f'Unsupported --camera_model {camera_model!r}; use one of '
-                          f'{", ".join(SUPPORTED_CAMERA_MODELS)}.')
-    if hasattr(pycolmap, 'set_random_seed'):
-        pycolmap.set_random_seed(seed)
+    pycolmap.set_random_seed(seed)
     db = os.path.join(data_dir, 'database.db')
     if os.path.exists(db):
         os.remove(db)
@@ -229,43 +247,112 @@ def run_sfm(data_dir: str, camera_model: str = 'OPENCV', single_camera: bool = T
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.use_gpu = False
     extraction.num_threads = num_threads
-    extraction.sift.max_num_features = max_num_features
+    extraction.sift.max_num_features = settings.max_num_features
+    extraction.sift.peak_threshold = settings.peak_threshold
+    extraction.sift.domain_size_pooling = settings.domain_size_pooling
     mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.AUTO
     pycolmap.extract_features(db, image_dir, camera_mode=mode, reader_options=reader,
                               extraction_options=extraction, device=pycolmap.Device.cpu)
-    if verbose:
-        print(f'Feature extraction: {time.time() - t0:.1f} s', flush=True)
-    t0 = time.time()
+    t1 = time.time()
     matching = pycolmap.FeatureMatchingOptions()
     matching.use_gpu = False
     matching.num_threads = num_threads
-    pycolmap.match_exhaustive(db, matching_options=matching, device=pycolmap.Device.cpu)
-    if verbose:
-        print(f'Exhaustive matching: {time.time() - t0:.1f} s', flush=True)
-    t0 = time.time()
-    sparse = os.path.join(data_dir, 'sparse')
+    matching.guided_matching = settings.guided_matching
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.min_num_inliers = settings.two_view_min_num_inliers
+    pycolmap.match_exhaustive(db, matching_options=matching, verification_options=verification,
+                              device=pycolmap.Device.cpu)
+    t2 = time.time()
     tmp = os.path.join(data_dir, 'sparse_tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     opts = pycolmap.IncrementalPipelineOptions()
     opts.num_threads = num_threads
     opts.random_seed = seed
+    opts.min_num_matches = settings.min_num_matches
     opts.ba_global_function_tolerance = 1e-6  # As the reference script: faster global bundle adjustments.
-    recs = pycolmap.incremental_mapping(db, image_dir, tmp, options=opts)
-    if verbose:
-        print(f'Incremental mapping: {time.time() - t0:.1f} s', flush=True)
-    if not recs:
+    opts.mapper.init_min_num_inliers = settings.init_min_num_inliers
+    opts.mapper.init_min_tri_angle = settings.init_min_tri_angle
+    opts.mapper.abs_pose_min_num_inliers = settings.abs_pose_min_num_inliers
+    opts.mapper.abs_pose_min_inlier_ratio = settings.abs_pose_min_inlier_ratio
+    try:
+        recs = pycolmap.incremental_mapping(db, image_dir, tmp, options=opts)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ColmapError(f'COLMAP could not reconstruct {data_dir}: too few matches. Use more, sharper, '
-                          'overlapping photos of a textured scene.')
-    best = max(recs.values(), key=lambda r: r.num_reg_images())
+    if verbose:
+        print(f'[{settings.name} settings] feature extraction {t1 - t0:.1f} s, exhaustive matching '
+              f'{t2 - t1:.1f} s, incremental mapping {time.time() - t2:.1f} s', flush=True)
+    if not recs:
+        return None
+    return max(recs.values(), key=lambda r: r.num_reg_images())
+
+
+def _attempt_summary(settings: SfmSettings, rec, total: int) -> Dict[str, object]:
+    n = rec.num_reg_images() if rec is not None else 0
+    return {'settings': dataclasses.asdict(settings), 'registered': n, 'total': total,
+            'mean_reprojection_error_px': float(rec.compute_mean_reprojection_error()) if n else None}
+
+
+def run_sfm(data_dir: str, camera_model: str = 'OPENCV', single_camera: bool = True,
+            factors: Sequence[int] = (2, 4, 8), num_threads: int = 1, max_num_features: int = 8192,
+            seed: int = 0, min_registered: float = 0.9, retry: bool = True, verbose: bool = True):
+    """Runs CPU SfM with pycolmap on `data_dir/images`; writes `database.db`, `sparse/0`, `images_{f}` and the
+    report `sparse/colmap_report.json`.
+
+    With the default single thread the same photos give the same model every time. When fewer than
+    `min_registered` of the images register and `retry` is set, SfM runs again with HARD_SETTINGS and the model
+    with the most registered images of the two attempts is kept. Returns that reconstruction.
+    """
+    image_dir = os.path.join(data_dir, 'images')
+    if not os.path.isdir(image_dir):
+        raise ColmapError(f'No image folder {image_dir}; put your photos in DIR/images and run again.')
+    names = list_images(image_dir)
+    if len(names) < 2:
+        raise ColmapError(f'Found {len(names)} images in {image_dir}; SfM needs at least 2 (better 20+).')
+    if camera_model not in SUPPORTED_CAMERA_MODELS:
+        raise ColmapError(f'Unsupported --camera_model {camera_model!r}; use one of '
+                          f'{", ".join(SUPPORTED_CAMERA_MODELS)}.')
+    if not 0. <= min_registered <= 1.:
+        raise ColmapError(f'--min_registered {min_registered} is not a fraction; use a value in [0, 1], '
+                          'e.g. 0.9.')
+    plan = [dataclasses.replace(DEFAULT_SETTINGS, max_num_features=max_num_features)]
+    if retry:
+        plan.append(HARD_SETTINGS)
+    best, best_settings, attempts = None, None, []
+    for settings in plan:
+        rec = _sfm_attempt(data_dir, settings, camera_model, single_camera, num_threads, seed, verbose)
+        attempts.append(_attempt_summary(settings, rec, len(names)))
+        n = attempts[-1]['registered']
+        if verbose:
+            print(f'[{settings.name} settings] registered {n} / {len(names)} images', flush=True)
+        if rec is not None and (best is None or n > best.num_reg_images()):
+            best, best_settings = rec, settings
+        if best is not None and best.num_reg_images() >= min_registered * len(names):
+            break
+        if verbose and settings is not plan[-1]:
+            print(f'Fewer than {min_registered:.0%} of the images registered; retrying with settings for hard '
+                  'captures (more SIFT features, guided matching, a more permissive mapper).', flush=True)
+    if best is None:
+        raise ColmapError(f'COLMAP could not reconstruct {data_dir}: too few matches between the photos. Take '
+                          'more, sharper, overlapping photos of a textured scene (see the README, "Your own photos").')
+    sparse = os.path.join(data_dir, 'sparse')
     out = os.path.join(sparse, '0')
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     best.write(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    registered = {best.images[i].name for i in best.reg_image_ids()}
+    report = {'registered': best.num_reg_images(), 'total': len(names),
+              'mean_reprojection_error_px': float(best.compute_mean_reprojection_error()),
+              'settings': best_settings.name, 'camera_model': camera_model, 'model_dir': out,
+              'unregistered_images': [n for n in names if n not in registered], 'attempts': attempts}
+    with open(os.path.join(sparse, REPORT_NAME), 'w') as fp:
+        json.dump(report, fp, indent=2)
     if verbose:
-        print(f'Registered {best.num_reg_images()} / {len(names)} images; model written to {out}', flush=True)
+        print(f'Registered {report["registered"]} / {len(names)} images (mean reprojection error '
+              f'{report["mean_reprojection_error_px"]:.2f} px, {best_settings.name} settings); model written to '
+              f'{out}, report to {os.path.join(sparse, REPORT_NAME)}', flush=True)
+        if report['unregistered_images']:
+            print('Not registered: ' + ', '.join(report['unregistered_images']), flush=True)
     resize_images(data_dir, factors)
     return best
 
@@ -273,18 +360,25 @@ def run_sfm(data_dir: str, camera_model: str = 'OPENCV', single_camera: bool = T
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog='python -m mipnerf360.colmap',
-        description='Pose photos in DIR/images with pycolmap (CPU) and write DIR/sparse/0 and DIR/images_{2,4,8}.')
+        description='Pose photos in DIR/images with pycolmap (CPU) and write DIR/sparse/0, DIR/images_{2,4,8} and '
+                    f'the report DIR/sparse/{REPORT_NAME}.')
     parser.add_argument('data_dir', help='a folder with the photos in DIR/images')
     parser.add_argument('--camera_model', default='OPENCV', choices=SUPPORTED_CAMERA_MODELS,
                         help='OPENCV for perspective photos, OPENCV_FISHEYE for fisheye lenses')
     parser.add_argument('--per_image_camera', action='store_true',
                         help='one camera per image (default: a single shared camera, as the script does)')
     parser.add_argument('--factors', type=int, nargs='*', default=[2, 4, 8])
-    parser.add_argument('--num_threads', type=int, default=-1)
+    parser.add_argument('--num_threads', type=int, default=1,
+                        help='threads per step (default 1: reproducible; -1: all cores, faster, varies run to run)')
+    parser.add_argument('--min_registered', type=float, default=0.9,
+                        help='retry with settings for hard captures when fewer than this fraction registers')
+    parser.add_argument('--no_retry', action='store_true', help='run the default settings only')
+    parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     try:
         run_sfm(args.data_dir, camera_model=args.camera_model, single_camera=not args.per_image_camera,
-                factors=args.factors, num_threads=args.num_threads)
+                factors=args.factors, num_threads=args.num_threads, seed=args.seed,
+                min_registered=args.min_registered, retry=not args.no_retry)
     except ColmapError as e:
         print(f'Error: {e}', file=sys.stderr)
         return 1

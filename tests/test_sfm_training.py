@@ -46,7 +46,6 @@ TINY_BINDINGS = [
     f'Config.factor = {FACTOR}',
     'Config.batch_size = 256',
     'Config.render_chunk_size = 4096',
-    f'Config.max_steps = {TRAIN_STEPS}',
     'Config.lr_init = 0.01',
     'Config.lr_final = 0.001',
     'Config.lr_delay_steps = 20',
@@ -80,14 +79,21 @@ def _similarity_align(src: np.ndarray, dst: np.ndarray):
     return s, rot, mu_d - s * rot @ mu_s
 
 
+def photos_only(scene: str, n_views: int, width: int, height: int) -> synthetic.SceneInfo:
+    """Writes a ray-traced ring capture's images to `scene/images` and deletes its true model (a user's photos);
+    returns the ground truth."""
+    info = synthetic.write_colmap_scene(scene, n_views=n_views, width=width, height=height, factors=(),
+                                        supersample=1, seed=0)
+    shutil.rmtree(os.path.join(scene, 'sparse'))
+    return info
+
+
 @pytest.fixture(scope='module')
 def sfm_scene(tmp_path_factory):
     """Images only (true model deleted), posed by `python -m mipnerf360.colmap`; returns (dir, info, proc)."""
     scene = str(tmp_path_factory.mktemp('sfm_scene'))
     t0 = time.time()
-    info = synthetic.write_colmap_scene(scene, n_views=N_VIEWS, width=WIDTH, height=HEIGHT, factors=(),
-                                        supersample=1, seed=0)
-    shutil.rmtree(os.path.join(scene, 'sparse'))
+    info = photos_only(scene, N_VIEWS, WIDTH, HEIGHT)
     t1 = time.time()
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')
@@ -101,14 +107,14 @@ def sfm_scene(tmp_path_factory):
     return scene, info, proc
 
 
-@pytest.fixture(scope='module')
-def trained(sfm_scene):
-    """A tiny model trained on the SfM poses; returns a dict with the model, config, datasets and timings."""
+def train_tiny(scene: str, steps: int = TRAIN_STEPS):
+    """Trains the tiny model on `scene` (COLMAP layout with images_4); returns a dict with the model, config and
+    the train / test datasets (shared by tests/test_colmap_binary.py)."""
     import gin
-    scene, _, _ = sfm_scene
     try:
         config = configs.load_config(save_config=False, gin_configs=['configs/360.gin'],
-                                     gin_bindings=[f"Config.data_dir = '{scene}'"] + TINY_BINDINGS)
+                                     gin_bindings=[f"Config.data_dir = '{scene}'", f'Config.max_steps = {steps}']
+                                     + TINY_BINDINGS)
         train_ds = datasets.Prefetcher(datasets.RaySampler(datasets.load_scene(config, 'train'), config, 'cpu'))
         test_ds = datasets.RaySampler(datasets.load_scene(config, 'test'), config, 'cpu')
         model = models.construct_model(config=config, seed=0)
@@ -118,10 +124,10 @@ def trained(sfm_scene):
     t0 = time.time()
     train_psnrs = []
     try:
-        for step in range(1, TRAIN_STEPS + 1):
+        for step in range(1, steps + 1):
             batch = next(train_ds)
             rng = torch.Generator().manual_seed(step)
-            train_frac = (step - 1) / (TRAIN_STEPS - 1)
+            train_frac = (step - 1) / (steps - 1)
             stats = train_utils.train_step(model, optimizer, lr_fn, batch, train_ds.cameras, train_frac, step,
                                            config, rng, camtype=train_ds.camtype)
             if step % 50 == 0:
@@ -129,10 +135,16 @@ def trained(sfm_scene):
     finally:
         train_ds.close()
     train_time = time.time() - t0
-    print(f'training {TRAIN_STEPS} steps: {train_time:.1f} s; train PSNR every 50 steps: '
+    print(f'training {steps} steps: {train_time:.1f} s; train PSNR every 50 steps: '
           f'{[round(float(p), 2) for p in train_psnrs]}')
     model.eval()
     return {'model': model, 'config': config, 'train_ds': train_ds, 'test_ds': test_ds}
+
+
+@pytest.fixture(scope='module')
+def trained(sfm_scene):
+    """A tiny model trained on the SfM poses; returns a dict with the model, config, datasets and timings."""
+    return train_tiny(sfm_scene[0])
 
 
 def _render(model, config, rays: utils.Rays) -> np.ndarray:
@@ -176,9 +188,8 @@ def test_sfm_cli_poses_every_view_for_the_loader(sfm_scene, trained):
         np.testing.assert_allclose(datasets.image_as_float(test_ds.scene.images[k]), small, atol=1e-6)
 
 
-@pytest.fixture(scope='module')
-def heldout(trained):
-    """Held-out renders from the SfM poses: per-view PSNRs and mean-colour baselines (dB)."""
+def heldout_psnrs(trained):
+    """Held-out renders of a `train_tiny` result from its poses: per-view PSNRs and mean-colour baselines (dB)."""
     model, config, train_ds, test_ds = trained['model'], trained['config'], trained['train_ds'], trained['test_ds']
     t0 = time.time()
     mean_rgb = np.mean([datasets.image_as_float(im).reshape(-1, 3).mean(0) for im in train_ds.scene.images], axis=0)
@@ -189,6 +200,12 @@ def heldout(trained):
     print(f'held-out PSNR {np.mean(psnrs):.2f} dB {np.round(psnrs, 2).tolist()} vs mean-colour baseline '
           f'{np.mean(baselines):.2f} dB {np.round(baselines, 2).tolist()} (rendered in {time.time() - t0:.1f} s)')
     return {'views': views, 'rgbs': rgbs, 'psnrs': psnrs, 'baselines': baselines}
+
+
+@pytest.fixture(scope='module')
+def heldout(trained):
+    """Held-out renders from the SfM poses: per-view PSNRs and mean-colour baselines (dB)."""
+    return heldout_psnrs(trained)
 
 
 def test_training_on_sfm_poses_beats_constant_colour(heldout):
