@@ -270,6 +270,9 @@ def validate_config(config: 'Config') -> 'Config':
     if config.render_job_id >= config.render_num_jobs:
         raise ConfigError(f'Config.render_job_id = {config.render_job_id} must be in [0, Config.render_num_jobs = '
                           f'{config.render_num_jobs}).')
+    if config.enable_robustnerf_loss and config.robustnerf_inner_patch_size > config.patch_size:
+        raise ConfigError(f'Config.robustnerf_inner_patch_size = {config.robustnerf_inner_patch_size} must not '
+                          f'exceed Config.patch_size = {config.patch_size}.')
     res = config.render_resolution
     if res is not None and not (isinstance(res, (tuple, list)) and len(res) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in res)):

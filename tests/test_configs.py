@@ -126,6 +126,8 @@ def test_every_ranged_name_is_a_config_field():
     ('Config.data_dir = 3', 'Config.data_dir = 3 must be a string'),
     ('Config.render_resolution = (640, 0)', 'Config.render_resolution = (640, 0) must be None or (width, height)'),
     ('Config.gc_every = 100', 'Config.gc_every = 100 has no effect in this port'),
+    ('Config.enable_robustnerf_loss = True',
+     'Config.robustnerf_inner_patch_size = 8 must not exceed Config.patch_size = 1'),
 ])
 def test_out_of_range_binding_names_field_value_and_range(binding, expected):
     with pytest.raises(configs.ConfigError) as e:
