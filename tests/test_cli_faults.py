@@ -269,7 +269,7 @@ def test_signal_stops_with_one_line(setup, tmp_path, cmd, sig, code):
 
 
 @pytest.mark.parametrize('case', ['missing_render_path_file', 'corrupt_image', 'bad_rank_env', 'model_bindings',
-                                  'robustnerf_patch'])
+                                  'robustnerf_patch', 'bad_device'])
 def test_user_input_errors_stay_one_line(setup, tmp_path, monkeypatch, capsys, case):
     root, _, scene, _ = setup
     argv, module = _flags(setup), eval_cli
@@ -295,6 +295,9 @@ def test_user_input_errors_stay_one_line(setup, tmp_path, monkeypatch, capsys, c
     elif case == 'robustnerf_patch':
         argv += ['--gin_bindings=Config.enable_robustnerf_loss = True', '--gin_bindings=Config.patch_size = 4']
         expected = ['Config.robustnerf_inner_patch_size = 8', 'Config.patch_size = 4']
+    elif case == 'bad_device':
+        argv += ["--gin_bindings=Config.device = 'gpu'"]
+        expected = ["Config.device = 'gpu' is not a device", "'cuda:<index>'"]
     code = _run(module, argv)
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]

@@ -222,8 +222,17 @@ def ensure_output_dir(path: str, what: str) -> str:
 
 
 def get_device(config: configs.Config, local_rank: int = 0) -> torch.device:
+    """`Config.device`, or CUDA device `local_rank` when there is one, else the CPU."""
     if config.device:
-        return torch.device(config.device)
+        try:
+            device = torch.device(config.device)
+        except RuntimeError:
+            raise configs.ConfigError(f"Config.device = {config.device!r} is not a device; use 'cpu', 'cuda' or "
+                                      "'cuda:<index>' (or None to pick CUDA when available).") from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise configs.ConfigError(f'Config.device = {config.device!r} but CUDA is not available here; set '
+                                      "Config.device = 'cpu' (or None).")
+        return device
     if torch.cuda.is_available():
         return torch.device('cuda', local_rank)
     return torch.device('cpu')
@@ -261,6 +270,17 @@ def distributed_group(world_size: int, device: torch.device):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def broadcast_object(obj, world_size: int):
+    """Rank 0's `obj` on every rank (so the ranks agree, e.g. on which checkpoint to evaluate); `obj` itself when
+    not distributed."""
+    if world_size <= 1:
+        return obj
+    import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def build_model(config: configs.Config, device: torch.device) -> torch.nn.Module:

@@ -221,7 +221,7 @@ def main(unused_argv):
     try:
         with common.distributed_group(world_size, device):
             while True:
-                path = checkpoints.latest_checkpoint(config.checkpoint_dir)
+                path = common.broadcast_object(checkpoints.latest_checkpoint(config.checkpoint_dir), world_size)
                 step = checkpoints.step_of(path) if path else 0
                 if step <= last_step:
                     log(f'Checkpoint step {step} <= last evaluated step {last_step}; waiting for a new one.',

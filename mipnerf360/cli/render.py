@@ -41,16 +41,21 @@ def write_video(path: str, frames, fps: int, crf: int = 18):
     frames = iter(frames)
     first = _even_pad(next(frames))
     h, w = first.shape[:2]
-    tmp = f'{path}.tmp{os.getpid()}.mp4'
-    writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=fps, codec='libx264', macro_block_size=1,
-                                         pix_fmt_in='rgb24', pix_fmt_out='yuv420p',
-                                         output_params=['-crf', str(crf)], ffmpeg_log_level='error')
-    writer.send(None)
-    writer.send(np.ascontiguousarray(first))
-    for frame in frames:
-        writer.send(np.ascontiguousarray(_even_pad(frame)))
-    writer.close()
-    os.replace(tmp, path)
+
+    def save(tmp):
+        # The temporary name has no .mp4 suffix, so the container is named explicitly.
+        writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=fps, codec='libx264', macro_block_size=1,
+                                             pix_fmt_in='rgb24', pix_fmt_out='yuv420p',
+                                             output_params=['-crf', str(crf), '-f', 'mp4'], ffmpeg_log_level='error')
+        writer.send(None)
+        try:
+            writer.send(np.ascontiguousarray(first))
+            for frame in frames:
+                writer.send(np.ascontiguousarray(_even_pad(frame)))
+        finally:
+            writer.close()  # Waits for ffmpeg to finish the file (or to exit, when stopped by a signal).
+
+    utils._atomic_save(path, save)  # pylint: disable=protected-access
 
 
 def video_prefix(checkpoint_dir: str, out_name: str) -> str:
