@@ -8,6 +8,7 @@ Field names and defaults are those of multinerf's `internal/configs.py`, so the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -78,7 +79,7 @@ class Config:
     print_every: int = 100  # The number of steps between reports to tensorboard.
     train_render_every: int = 5000  # Steps between test set renders when training.
     cast_rays_in_train_step: bool = False  # If True, compute rays in train step (on the model's device).
-    data_loss_type: str = 'charb'  # What kind of loss to use ('mse', 'charb', 'rawnerf').
+    data_loss_type: str = 'charb'  # What kind of loss to use ('mse', 'charb', 'rawnerf', 'robustnerf').
     charb_padding: float = 0.001  # The padding used for Charbonnier loss.
     data_loss_mult: float = 1.0  # Mult for the finest data term in the loss.
     data_coarse_loss_mult: float = 0.  # Multiplier for the coarser data terms.
@@ -167,7 +168,123 @@ def define_common_flags():
 
 
 class ConfigError(ValueError):
-    """A user-facing configuration problem (bad gin file or binding)."""
+    """A user-facing configuration problem (bad gin file or binding, or a value out of its range)."""
+
+
+# Ranges of the numeric Config fields: (kind, low, high, low_open, high_open); None bounds are unbounded.
+# kind 'int' takes Python ints, 'float' ints or finite floats. `far > near` and `render_job_id <
+# render_num_jobs` are checked across fields in `validate_config`.
+_AT_LEAST_1 = ('int', 1, None, False, False)
+_AT_LEAST_0 = ('int', 0, None, False, False)
+_NON_NEGATIVE = ('float', 0., None, False, False)
+_POSITIVE = ('float', 0., None, True, False)
+_FRACTION = ('float', 0., 1., False, False)
+_ANY_FLOAT = ('float', None, None, False, False)
+_RANGES: Dict[str, Tuple[str, Optional[float], Optional[float], bool, bool]] = {
+        'batch_size': _AT_LEAST_1, 'patch_size': _AT_LEAST_1, 'factor': _AT_LEAST_0, 'llffhold': _AT_LEAST_1,
+        'gc_every': _AT_LEAST_1, 'near': _NON_NEGATIVE, 'far': _POSITIVE, 'render_chunk_size': _AT_LEAST_1,
+        'num_showcase_images': _AT_LEAST_0, 'vis_num_rays': _AT_LEAST_1, 'vis_decimate': _AT_LEAST_0,
+        'max_steps': _AT_LEAST_1, 'early_exit_steps': _AT_LEAST_1, 'checkpoint_every': _AT_LEAST_1,
+        'checkpoints_to_keep': _AT_LEAST_1, 'print_every': _AT_LEAST_1, 'train_render_every': _AT_LEAST_0,
+        'charb_padding': _NON_NEGATIVE, 'data_loss_mult': _NON_NEGATIVE, 'data_coarse_loss_mult': _NON_NEGATIVE,
+        'interlevel_loss_mult': _NON_NEGATIVE, 'orientation_loss_mult': _NON_NEGATIVE,
+        'orientation_coarse_loss_mult': _NON_NEGATIVE, 'robustnerf_inlier_quantile': _FRACTION,
+        'robustnerf_inner_patch_size': _AT_LEAST_1, 'robustnerf_smoothed_filter_size': _AT_LEAST_1,
+        'robustnerf_smoothed_inlier_quantile': _FRACTION, 'robustnerf_inner_patch_inlier_quantile': _FRACTION,
+        'predicted_normal_loss_mult': _NON_NEGATIVE, 'predicted_normal_coarse_loss_mult': _NON_NEGATIVE,
+        'lr_init': _POSITIVE, 'lr_final': _POSITIVE, 'lr_delay_steps': _AT_LEAST_0, 'lr_delay_mult': _FRACTION,
+        'adam_beta1': ('float', 0., 1., False, True), 'adam_beta2': ('float', 0., 1., False, True),
+        'adam_eps': _NON_NEGATIVE, 'grad_max_norm': _NON_NEGATIVE, 'grad_max_val': _NON_NEGATIVE,
+        'distortion_loss_mult': _NON_NEGATIVE, 'eval_render_interval': _AT_LEAST_0,
+        'eval_dataset_limit': _AT_LEAST_1, 'eval_crop_borders': _AT_LEAST_0, 'render_video_fps': _AT_LEAST_1,
+        'render_video_crf': ('int', 0, 51, False, False), 'render_path_frames': _AT_LEAST_1,
+        'z_variation': _ANY_FLOAT, 'z_phase': _ANY_FLOAT, 'render_dist_percentile': ('float', 0., 50., False, True),
+        'render_job_id': _AT_LEAST_0, 'render_num_jobs': _AT_LEAST_1, 'render_focal': _POSITIVE,
+        'render_spline_n_interp': _AT_LEAST_1, 'render_spline_degree': _AT_LEAST_1,
+        'render_spline_smoothness': _NON_NEGATIVE, 'exposure_percentile': ('float', 0., 100., False, False),
+        'num_border_pixels_to_mask': _AT_LEAST_0, 'dtu_light_cond': ('int', 0, 6, False, False),
+        'dtuhold': _AT_LEAST_1, 'seed': ('int', 0, 2**63 - 1, False, False),
+}
+# Fields whose value must be one of a fixed set of strings (None allowed where the default is None).
+_CHOICES: Dict[str, Tuple[str, ...]] = {
+        'batching': ('all_images', 'single_image'),
+        'data_loss_type': ('mse', 'charb', 'rawnerf', 'robustnerf'),
+        'orientation_loss_target': ('normals', 'normals_pred'),
+        'render_camtype': ('perspective', 'fisheye', 'pano'),
+}
+_STRINGS = ('dataset_loader', 'checkpoint_dir', 'render_dir', 'data_dir', 'vocab_tree_path', 'render_path_file',
+            'render_spline_keyframes', 'device')
+# Fields of the reference that this port does not use: a non-default value is rejected rather than ignored.
+_UNUSED = {'gc_every': 'PyTorch frees tensors itself (the reference disables Python\'s garbage collector and '
+                       'collects every gc_every steps; this port leaves the collector on)'}
+
+
+def _describe_range(kind, lo, hi, lo_open, hi_open) -> str:
+    what = 'an integer' if kind == 'int' else 'a finite number'
+    if lo is not None and hi is not None:
+        return f"{what} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{what} {'>' if lo_open else '>='} {lo}"
+    return what
+
+
+def _check_number(name: str, value: Any, kind, lo, hi, lo_open, hi_open):
+    ok_type = (isinstance(value, int) if kind == 'int' else isinstance(value, (int, float))) \
+        and not isinstance(value, bool)
+    ok = ok_type and (kind == 'int' or math.isfinite(value))
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        raise ConfigError(f'Config.{name} = {value!r} must be {_describe_range(kind, lo, hi, lo_open, hi_open)}; '
+                          f'fix the gin file or --gin_bindings="Config.{name} = ...".')
+
+
+def validate_config(config: 'Config') -> 'Config':
+    """Checks the type and range of every Config field that has one; raises ConfigError naming the field, its
+    value and the allowed range. Returns `config`."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for name, rng in _RANGES.items():
+        value = getattr(config, name, None)
+        if value is None and defaults.get(name, 0) is None:
+            continue
+        _check_number(name, value, *rng)
+    for name, choices in _CHOICES.items():
+        value = getattr(config, name)
+        if value is None and defaults[name] is None:
+            continue
+        if value not in choices:
+            raise ConfigError(f'Config.{name} = {value!r} must be one of {", ".join(map(repr, choices))}.')
+    for name in _STRINGS:
+        value = getattr(config, name)
+        if not (isinstance(value, str) or (value is None and defaults[name] is None)):
+            raise ConfigError(f'Config.{name} = {value!r} must be a string (a quoted name or path).')
+    for f in dataclasses.fields(Config):
+        if f.default is True or f.default is False:
+            value = getattr(config, f.name)
+            if not isinstance(value, bool):
+                raise ConfigError(f'Config.{f.name} = {value!r} must be True or False.')
+    if config.far <= config.near:
+        raise ConfigError(f'Config.far = {config.far!r} must be greater than Config.near = {config.near!r}.')
+    if config.render_job_id >= config.render_num_jobs:
+        raise ConfigError(f'Config.render_job_id = {config.render_job_id} must be in [0, Config.render_num_jobs = '
+                          f'{config.render_num_jobs}).')
+    if config.enable_robustnerf_loss and config.robustnerf_inner_patch_size > config.patch_size:
+        raise ConfigError(f'Config.robustnerf_inner_patch_size = {config.robustnerf_inner_patch_size} must not '
+                          f'exceed Config.patch_size = {config.patch_size}.')
+    res = config.render_resolution
+    if res is not None and not (isinstance(res, (tuple, list)) and len(res) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in res)):
+        raise ConfigError(f'Config.render_resolution = {res!r} must be None or (width, height), two integers >= 1.')
+    if not isinstance(config.weight_decay_mults, dict):
+        raise ConfigError(f'Config.weight_decay_mults = {config.weight_decay_mults!r} must be a dict of '
+                          'parameter-name prefix -> multiplier.')
+    for name, why in _UNUSED.items():
+        if getattr(config, name) != defaults[name]:
+            raise ConfigError(f'Config.{name} = {getattr(config, name)!r} has no effect in this port: {why}; '
+                              f'remove the binding.')
+    return config
 
 
 def parse_gin(gin_configs: Optional[Sequence[str]], gin_bindings: Optional[Sequence[str]]):
@@ -199,7 +316,7 @@ def load_config(save_config: bool = True, gin_configs=None, gin_bindings=None) -
         from absl import flags
         gin_configs, gin_bindings = flags.FLAGS.gin_configs, flags.FLAGS.gin_bindings
     parse_gin(gin_configs, gin_bindings)
-    config = Config()
+    config = validate_config(Config())
     if save_config and config.checkpoint_dir is not None:
         save_config_str(config.checkpoint_dir)
     return config
@@ -210,9 +327,13 @@ def save_config_str(checkpoint_dir: str):
     if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
         raise ConfigError(f'Config.checkpoint_dir = {checkpoint_dir!r} is an existing file, not a directory; '
                                             'choose another path.')
-    os.makedirs(checkpoint_dir, exist_ok=True)
     path = os.path.join(checkpoint_dir, 'config.gin')
     tmp = path + f'.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(gin.config_str())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        with open(tmp, 'w') as f:
+            f.write(gin.config_str())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(f'Cannot write {path} ({e.strerror}); set Config.checkpoint_dir to a writable '
+                          'folder.') from None

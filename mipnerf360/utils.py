@@ -156,15 +156,23 @@ def makedirs(pth):
     os.makedirs(pth, exist_ok=True)
 
 
+class ImageFileError(ValueError):
+    """An image file that cannot be read (a user-facing error: the message names the file and what to do)."""
+
+
+class ImageFileNotFoundError(ImageFileError, FileNotFoundError):
+    """An image file that does not exist."""
+
+
 def load_img(pth: str) -> np.ndarray:
     """Loads an image as float32 (values in the file's own range, e.g. 0..255 for 8-bit)."""
     try:
         with open_file(pth, 'rb') as f:
             return np.array(Image.open(f), dtype=np.float32)
     except FileNotFoundError:
-        raise FileNotFoundError(f'Image file not found: {pth}') from None
+        raise ImageFileNotFoundError(f'Image file not found: {pth}') from None
     except OSError as e:
-        raise ValueError(f'Cannot read image {pth} ({e}); re-export it as PNG or JPEG.') from None
+        raise ImageFileError(f'Cannot read image {pth} ({e}); re-export it as PNG or JPEG.') from None
 
 
 def load_exif(pth: str) -> Dict[str, Any]:

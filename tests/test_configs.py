@@ -1,9 +1,14 @@
-"""Gin configs: every shipped file parses and builds a model; bad bindings fail with one clear line."""
+"""Gin configs: every shipped file parses and builds a model; bad bindings and out-of-range values fail with one
+clear line naming the field, its value and the allowed range."""
 
+import dataclasses
 import glob
+import math
 import os
 
 import gin
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import torch
 
@@ -77,3 +82,100 @@ def test_config_gin_is_saved(tmp_path):
     configs.save_config_str(str(tmp_path))
     text = (tmp_path / 'config.gin').read_text()
     assert 'Config.batch_size = 77' in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation of the field values (configs.validate_config, called by load_config).
+
+
+def test_defaults_and_every_shipped_config_validate(monkeypatch):
+    monkeypatch.chdir(REPO)
+    configs.validate_config(configs.Config())
+    for path in CONFIG_FILES:
+        gin.clear_config()
+        configs.load_config(save_config=False, gin_configs=[path], gin_bindings=[])
+
+
+def test_every_ranged_name_is_a_config_field():
+    fields = {f.name for f in dataclasses.fields(configs.Config)}
+    assert set(configs._RANGES) <= fields and set(configs._CHOICES) <= fields and set(configs._STRINGS) <= fields
+
+
+@pytest.mark.parametrize('binding,expected', [
+    ('Config.checkpoint_every = 0', 'Config.checkpoint_every = 0 must be an integer >= 1'),
+    ('Config.print_every = 0', 'Config.print_every = 0 must be an integer >= 1'),
+    ('Config.max_steps = 0', 'Config.max_steps = 0 must be an integer >= 1'),
+    ('Config.lr_init = -0.001', 'Config.lr_init = -0.001 must be a finite number > 0'),
+    ('Config.batch_size = 0', 'Config.batch_size = 0 must be an integer >= 1'),
+    ('Config.batch_size = 16.5', 'Config.batch_size = 16.5 must be an integer'),
+    ("Config.batch_size = '512'", "Config.batch_size = '512' must be an integer"),
+    ('Config.factor = -1', 'Config.factor = -1 must be an integer >= 0'),
+    ('Config.render_chunk_size = 0', 'Config.render_chunk_size = 0 must be an integer >= 1'),
+    ('Config.near = -1.', 'Config.near = -1.0 must be a finite number >= 0'),
+    ('Config.far = 1.', 'Config.far = 1.0 must be greater than Config.near = 2.0'),
+    ('Config.checkpoints_to_keep = 0', 'Config.checkpoints_to_keep = 0 must be an integer >= 1'),
+    ('Config.train_render_every = -1', 'Config.train_render_every = -1 must be an integer >= 0'),
+    ('Config.lr_delay_mult = 1.5', 'Config.lr_delay_mult = 1.5 must be a finite number in [0.0, 1.0]'),
+    ('Config.adam_beta2 = 1.', 'Config.adam_beta2 = 1.0 must be a finite number in [0.0, 1.0)'),
+    ('Config.robustnerf_inlier_quantile = -0.1', 'robustnerf_inlier_quantile = -0.1 must be a finite number in'),
+    ('Config.render_video_crf = 52', 'Config.render_video_crf = 52 must be an integer in [0, 51]'),
+    ('Config.render_job_id = 1', 'Config.render_job_id = 1 must be in [0, Config.render_num_jobs = 1)'),
+    ("Config.data_loss_type = 'l2'",
+     "Config.data_loss_type = 'l2' must be one of 'mse', 'charb', 'rawnerf', 'robustnerf'"),
+    ("Config.render_camtype = 'ortho'", "Config.render_camtype = 'ortho' must be one of"),
+    ('Config.randomized = 1', 'Config.randomized = 1 must be True or False'),
+    ('Config.data_dir = 3', 'Config.data_dir = 3 must be a string'),
+    ('Config.render_resolution = (640, 0)', 'Config.render_resolution = (640, 0) must be None or (width, height)'),
+    ('Config.gc_every = 100', 'Config.gc_every = 100 has no effect in this port'),
+    ('Config.enable_robustnerf_loss = True',
+     'Config.robustnerf_inner_patch_size = 8 must not exceed Config.patch_size = 1'),
+])
+def test_out_of_range_binding_names_field_value_and_range(binding, expected):
+    with pytest.raises(configs.ConfigError) as e:
+        configs.load_config(save_config=False, gin_configs=[], gin_bindings=[binding])
+    assert expected in str(e.value)
+
+
+def test_bounds_are_inclusive_where_documented():
+    ok = dict(factor=0, near=0., train_render_every=0, lr_delay_mult=0., adam_beta1=0., render_video_crf=51,
+              eval_render_interval=0, max_steps=1, checkpoint_every=1, lr_final=1e-30, lr_init=1e-9,
+              render_dist_percentile=0., exposure_percentile=100., early_exit_steps=None, render_focal=None,
+              render_resolution=(3, 2), z_variation=-2.)
+    configs.validate_config(configs.Config(**ok))
+    # lr_final > lr_init is allowed (a rising schedule is unusual, not wrong).
+    configs.validate_config(configs.Config(lr_init=1e-4, lr_final=1e-2))
+
+
+_NUMERIC_FIELDS = sorted(configs._RANGES)
+_ANY_VALUE = st.one_of(st.integers(-2**64, 2**64), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                       st.none(), st.text(max_size=3), st.tuples(st.integers(-2, 5), st.integers(-2, 5)))
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.dictionaries(st.sampled_from(_NUMERIC_FIELDS + ['render_resolution', 'batching']), _ANY_VALUE,
+                                  min_size=1, max_size=3))
+def test_random_values_are_valid_or_a_config_error(values):
+    config = configs.Config(**values)
+    try:
+        configs.validate_config(config)
+    except configs.ConfigError as e:
+        assert str(e).startswith('Config.') and any(f'Config.{k}' in str(e) for k in values)
+        return
+    # Accepted: each value is of the field's kind and finite where it is a number.
+    for k, v in values.items():
+        if k in configs._RANGES and v is not None:
+            assert not isinstance(v, bool) and math.isfinite(v)
+            kind, lo, hi = configs._RANGES[k][:3]
+            assert (lo is None or v >= lo) and (hi is None or v <= hi)
+            assert kind == 'float' or isinstance(v, int)
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.sampled_from(_NUMERIC_FIELDS),
+                  st.one_of(st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3)))
+def test_random_bindings_through_load_config(field, value):
+    gin.clear_config()
+    try:
+        configs.load_config(save_config=False, gin_configs=[], gin_bindings=[f'Config.{field} = {value!r}'])
+    except configs.ConfigError as e:
+        assert f'Config.{field}' in str(e) or 'Bad gin config or binding' in str(e)

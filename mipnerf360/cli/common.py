@@ -1,9 +1,12 @@
 """Pieces shared by the train / eval / render entry points: flags, config, device, errors, model setup.
 
 Error reporting: a problem the user can fix (missing folder, bad gin file or binding, corrupt checkpoint,
-unwritable output, unknown flag) is printed as exactly one line `error: <what and what to do>` on stderr and
-the process exits with status 2. Inputs are checked before the slow and noisy parts start (model, LPIPS,
-tensorboard), so that line is all a user sees on stderr. Set MIPNERF360_DEBUG=1 to get the traceback instead.
+unwritable output, unknown flag) raises one of our own exception types (`USER_ERRORS`); it is printed as
+exactly one line `error: <what and what to do>` on stderr and the process exits with status 2. Inputs are
+checked before the slow and noisy parts start (model, LPIPS, tensorboard), so that line is all a user sees on
+stderr. Set MIPNERF360_DEBUG=1 to get the traceback instead. Any other exception is a bug: its traceback is
+printed, then one line asking to report it, and the process exits with status 1. SIGTERM and Ctrl-C stop with
+one line and status 143 / 130 (train handles them itself: it saves a checkpoint first).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import difflib
 import inspect
 import os
 import re
+import signal
 import sys
+import traceback
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
@@ -25,15 +30,24 @@ from mipnerf360 import checkpoints, configs, datasets, utils
 _FLAGS_DEFINED = False
 
 EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+EXIT_SIGINT = 130  # 128 + the signal number, as a shell reports a process killed by it.
+EXIT_SIGTERM = 143
+BUG_MESSAGE = 'error: this is a bug in mipnerf360; please report it with the traceback above.'
 
 
 class OutputError(OSError):
     """An output path that cannot be created or written (the message names it and what to do)."""
 
 
-# Exceptions a user can cause by their input. The CLI prints these as one line and exits non-zero.
+class MetricsError(RuntimeError):
+    """Evaluation produced non-finite metrics (a diverged model): reported as one line, exit status 2."""
+
+
+# Our own exception types for problems the user can fix. The CLI prints these as one line and exits with 2;
+# every other exception is a bug in our code and keeps its traceback.
 USER_ERRORS = (configs.ConfigError, checkpoints.CheckpointError, datasets.DatasetError, OutputError,
-               FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError, ValueError)
+               MetricsError, utils.ImageFileError)
 
 
 def define_flags():
@@ -50,6 +64,40 @@ def one_line(e: BaseException) -> str:
 def user_error_exit(e: BaseException):
     print(f'error: {one_line(e)}', file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+class Stopped(BaseException):
+    """Raised by the SIGTERM handler of `run` (a BaseException, so `except Exception` does not swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.name = signal.Signals(signum).name
+
+
+def _raise_stopped(signum, frame):  # pylint: disable=unused-argument
+    raise Stopped(signum)
+
+
+def _install_sigterm():
+    """SIGTERM raises `Stopped` in the main thread (Ctrl-C already raises KeyboardInterrupt); returns the previous
+    handler (None when not in the main thread, where handlers cannot be set)."""
+    try:
+        # pycolmap's glog installs a SIGTERM handler that dumps a native stack when the module is first imported
+        # (lazily, by the COLMAP loader); importing it first lets ours replace that one.
+        import pycolmap  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        pass
+    try:
+        return signal.signal(signal.SIGTERM, _raise_stopped)
+    except ValueError:
+        return None
+
+
+def _stopped_exit(what: str, code: int):
+    """One line for a stop by signal. Outputs are written atomically, so every file on disk is whole."""
+    print(f'Stopped ({what}); the outputs written so far are complete; re-run the same command to continue.',
+          file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def _parse_flags(argv: List[str]) -> List[str]:
@@ -74,6 +122,7 @@ def run(main: Callable[[list], None], scope: str, argv: Optional[Sequence[str]] 
 
     def wrapped(argv_):
         import gin
+        previous = _install_sigterm()
         try:
             with gin.config_scope(scope):
                 main(argv_)
@@ -81,6 +130,17 @@ def run(main: Callable[[list], None], scope: str, argv: Optional[Sequence[str]] 
             if os.environ.get('MIPNERF360_DEBUG'):
                 raise
             user_error_exit(e)
+        except KeyboardInterrupt:
+            _stopped_exit('Ctrl-C', EXIT_SIGINT)
+        except Stopped as e:
+            _stopped_exit(e.name, EXIT_SIGTERM)
+        except Exception:  # pylint: disable=broad-except
+            traceback.print_exc()
+            print(BUG_MESSAGE, file=sys.stderr, flush=True)
+            sys.exit(EXIT_BUG)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     app.run(wrapped, argv=list(argv) if argv is not None else None, flags_parser=_parse_flags)
 
@@ -124,8 +184,13 @@ def load_config(for_training: bool) -> configs.Config:
         raise configs.ConfigError('Config.data_dir is not set; add '
                                   '--gin_bindings="Config.data_dir = \'<scene dir>\'".')
     if not os.path.isdir(config.data_dir):
-        raise FileNotFoundError(f'Config.data_dir {config.data_dir!r} does not exist or is not a directory; '
+        raise configs.ConfigError(f'Config.data_dir {config.data_dir!r} does not exist or is not a directory; '
                                 'point it at a scene folder (e.g. 360_v2/garden).')
+    for name, kind in (('render_path_file', 'a .npy file'), ('render_spline_keyframes', 'a text file or folder'),
+                       ('vocab_tree_path', 'a file')):
+        path = getattr(config, name)
+        if path is not None and not os.path.exists(path):
+            raise configs.ConfigError(f'Config.{name} = {path!r} does not exist; point it at {kind} or unset it.')
     if os.path.exists(config.checkpoint_dir) and not os.path.isdir(config.checkpoint_dir):
         raise checkpoints.CheckpointError(f'Config.checkpoint_dir = {config.checkpoint_dir!r} is an existing '
                                           'file, not a directory; choose another path.')
@@ -157,8 +222,17 @@ def ensure_output_dir(path: str, what: str) -> str:
 
 
 def get_device(config: configs.Config, local_rank: int = 0) -> torch.device:
+    """`Config.device`, or CUDA device `local_rank` when there is one, else the CPU."""
     if config.device:
-        return torch.device(config.device)
+        try:
+            device = torch.device(config.device)
+        except RuntimeError:
+            raise configs.ConfigError(f"Config.device = {config.device!r} is not a device; use 'cpu', 'cuda' or "
+                                      "'cuda:<index>' (or None to pick CUDA when available).") from None
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise configs.ConfigError(f'Config.device = {config.device!r} but CUDA is not available here; set '
+                                      "Config.device = 'cpu' (or None).")
+        return device
     if torch.cuda.is_available():
         return torch.device('cuda', local_rank)
     return torch.device('cpu')
@@ -166,10 +240,73 @@ def get_device(config: configs.Config, local_rank: int = 0) -> torch.device:
 
 def distributed_env():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when not distributed."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank = int(os.environ.get('RANK', '0'))
-    local = int(os.environ.get('LOCAL_RANK', '0'))
+    values = []
+    for name, default in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)):
+        text = os.environ.get(name, str(default))
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise configs.ConfigError(f'Environment variable {name} = {text!r} is not an integer; unset it or '
+                                      'start the command with torchrun.') from None
+    rank, world, local = values
+    if not 0 <= rank < max(world, 1):
+        raise configs.ConfigError(f'RANK = {rank} must be in [0, WORLD_SIZE = {world}); start the command with '
+                                  'torchrun.')
     return rank, world, local
+
+
+@contextlib.contextmanager
+def distributed_group(world_size: int, device: torch.device):
+    """A torch.distributed process group for the duration of the block when `world_size` > 1 (torchrun): NCCL on
+    CUDA, gloo on CPU. Nothing when not distributed."""
+    if world_size <= 1:
+        yield
+        return
+    import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj, world_size: int):
+    """Rank 0's `obj` on every rank (so the ranks agree, e.g. on which checkpoint to evaluate); `obj` itself when
+    not distributed."""
+    if world_size <= 1:
+        return obj
+    import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def build_model(config: configs.Config, device: torch.device) -> torch.nn.Module:
+    """`models.Model(config=config)` on `device`, seeded by `config.seed`; a model the gin bindings make
+    inconsistent (its constructor's ValueError) becomes a ConfigError."""
+    from mipnerf360 import models  # pylint: disable=import-outside-toplevel
+    torch.manual_seed(config.seed)
+    try:
+        model = models.Model(config=config)
+    except ValueError as e:
+        raise configs.ConfigError(f'Bad model bindings: {one_line(e)}') from None
+    return model.to(device)
+
+
+@contextlib.contextmanager
+def output_errors(what: str):
+    """Turns an OS error while writing outputs (disk full, permissions changed) into an OutputError naming
+    `what` (e.g. 'Config.render_dir')."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        where = f' {e.filename!r}' if e.filename else ''
+        raise OutputError(f'Cannot write{where} ({e.strerror or one_line(e)}); free space or set {what} to a '
+                          'writable folder.') from None
 
 
 def load_dataset(split: str, config: configs.Config, device: torch.device, rank: int = 0, world_size: int = 1

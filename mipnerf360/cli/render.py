@@ -2,8 +2,11 @@
 and writes mp4 videos.
 
 Frames go to `render_dir` (default `checkpoint_dir/render`) / `path_renders_step_<step>` as
-color_XXX.png, normals_XXX.png, distance_{mean,median}_XXX.tiff and acc_XXX.tiff. Frames already on disk are
-skipped, so a crashed render resumes; `render_job_id` / `render_num_jobs` split the frames across processes.
+color_XXX.png, normals_XXX.png, distance_{mean,median}_XXX.tiff and acc_XXX.tiff, with `render_manifest.json`
+recording what made them (checkpoint, frame count, resolution, path settings). Frames already on disk are
+skipped, so a crashed render resumes; frames made with other settings are deleted and re-rendered, so a video
+never mixes two camera paths. `render_job_id` / `render_num_jobs` split the frames across processes, and under
+`torchrun --nproc_per_node=N -m render` the ranks split each job's frames further.
 When every frame exists, videos `<scene>_<exp>_<name>_{color,normals,acc,distance_mean,distance_median}.mp4`
 are written with the ffmpeg bundled in imageio-ffmpeg.
 """
@@ -13,13 +16,16 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import glob
+import hashlib
+import json
 import os
 import time
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
-from mipnerf360 import checkpoints, configs, models, utils, vis
+from mipnerf360 import checkpoints, models, utils, vis
 from mipnerf360.cli import common
 
 
@@ -35,16 +41,21 @@ def write_video(path: str, frames, fps: int, crf: int = 18):
     frames = iter(frames)
     first = _even_pad(next(frames))
     h, w = first.shape[:2]
-    tmp = f'{path}.tmp{os.getpid()}.mp4'
-    writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=fps, codec='libx264', macro_block_size=1,
-                                         pix_fmt_in='rgb24', pix_fmt_out='yuv420p',
-                                         output_params=['-crf', str(crf)], ffmpeg_log_level='error')
-    writer.send(None)
-    writer.send(np.ascontiguousarray(first))
-    for frame in frames:
-        writer.send(np.ascontiguousarray(_even_pad(frame)))
-    writer.close()
-    os.replace(tmp, path)
+
+    def save(tmp):
+        # The temporary name has no .mp4 suffix, so the container is named explicitly.
+        writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=fps, codec='libx264', macro_block_size=1,
+                                             pix_fmt_in='rgb24', pix_fmt_out='yuv420p',
+                                             output_params=['-crf', str(crf), '-f', 'mp4'], ffmpeg_log_level='error')
+        writer.send(None)
+        try:
+            writer.send(np.ascontiguousarray(first))
+            for frame in frames:
+                writer.send(np.ascontiguousarray(_even_pad(frame)))
+        finally:
+            writer.close()  # Waits for ffmpeg to finish the file (or to exit, when stopped by a signal).
+
+    utils._atomic_save(path, save)  # pylint: disable=protected-access
 
 
 def video_prefix(checkpoint_dir: str, out_name: str) -> str:
@@ -71,7 +82,7 @@ def create_videos(config, base_dir: str, out_dir: str, out_name: str, num_frames
             continue
         missing = [name_of(k, i, ext) for i in range(num_frames) if not os.path.exists(name_of(k, i, ext))]
         if missing:
-            raise FileNotFoundError(f'Frame {missing[0]} is missing; re-run render to finish the frames.')
+            raise common.OutputError(f'Frame {missing[0]} is missing; re-run render to finish the frames.')
 
         def frames(k=k, ext=ext):
             for i in range(num_frames):
@@ -92,27 +103,116 @@ def create_videos(config, base_dir: str, out_dir: str, out_name: str, num_frames
     return written
 
 
+MANIFEST = 'render_manifest.json'
+# The Config fields that decide what the frames of a folder show (the camera path, its resolution and the
+# scene); a change of any of them makes the frames on disk stale.
+_MANIFEST_FIELDS = ('render_path', 'render_path_frames', 'render_path_file', 'z_variation', 'z_phase',
+                    'render_resolution', 'render_focal', 'render_camtype', 'render_spherical',
+                    'render_spline_keyframes', 'render_spline_n_interp', 'render_spline_degree',
+                    'render_spline_smoothness', 'render_spline_interpolate_exposure', 'dataset_loader', 'data_dir',
+                    'factor', 'forward_facing', 'llffhold', 'llff_use_all_images_for_training', 'near', 'far',
+                    'rawnerf_mode', 'exposure_percentile', 'autoexpose_renders')
+_FRAME_KINDS = (('color', 'png'), ('normals', 'png'), ('distance_mean', 'tiff'), ('distance_median', 'tiff'),
+                ('acc', 'tiff'))
+
+
+def _file_digest(path: Optional[str]) -> Optional[str]:
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, 'rb') as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def render_manifest(config, ckpt_path: str, step: int, dataset) -> Dict[str, Any]:
+    """What made the frames of a render folder: checkpoint, frame count and resolution, the path settings."""
+    manifest = {'checkpoint': os.path.abspath(ckpt_path), 'checkpoint_step': step, 'num_frames': dataset.size,
+                'resolution': [int(dataset.scene.width), int(dataset.scene.height)]}
+    for name in _MANIFEST_FIELDS:
+        value = getattr(config, name)
+        manifest[name] = list(value) if isinstance(value, tuple) else value
+    manifest['render_path_file_sha1'] = _file_digest(config.render_path_file)
+    return json.loads(json.dumps(manifest))  # Plain JSON types, as read back from disk.
+
+
+def _fmt(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def stale_reason(out_dir: str, manifest: Dict[str, Any]) -> Optional[str]:
+    """Why the frames in `out_dir` were not made by `manifest`'s settings (None: they were, or there are none)."""
+    has_frames = any(glob.glob(os.path.join(out_dir, f'{k}_*.{ext}')) for k, ext in _FRAME_KINDS)
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        return f'{out_dir} holds frames but no {MANIFEST} saying what made them' if has_frames else None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return f'{path} is unreadable'
+    changed = [k for k in manifest if old.get(k) != manifest[k]]
+    if not changed:
+        return None
+    return '; '.join(f'{k} changed {_fmt(old.get(k))} -> {_fmt(manifest[k])}' for k in changed[:3])
+
+
+def _clear_frames(out_dir: str, base_dir: str, prefix: str):
+    stale = [p for k, ext in _FRAME_KINDS for p in glob.glob(os.path.join(out_dir, f'{k}_*.{ext}'))]
+    stale += glob.glob(os.path.join(base_dir, f'{glob.escape(prefix)}_*.mp4'))
+    for p in stale:
+        os.remove(p)
+
+
+def _prepare_frame_folder(config, out_dir: str, base_dir: str, out_name: str, manifest: Dict[str, Any]):
+    """Makes `out_dir` hold only frames of `manifest`'s settings: stale frames (and their videos) are deleted,
+    with one line saying why, so a resumed render never mixes two camera paths."""
+    reason = stale_reason(out_dir, manifest)
+    if reason is not None:
+        print(f'{reason}: re-rendering.', flush=True)
+        _clear_frames(out_dir, base_dir, video_prefix(config.checkpoint_dir, out_name))
+    if reason is not None or not os.path.exists(os.path.join(out_dir, MANIFEST)):
+        text = json.dumps(manifest, indent=1)
+
+        def write(p):
+            with open(p, 'w') as f:
+                f.write(text)
+        utils._atomic_save(os.path.join(out_dir, MANIFEST), write)  # pylint: disable=protected-access
+
+
 def main(unused_argv):
+    rank, world_size, local_rank = common.distributed_env()
     config = common.load_config(for_training=False)
-    if not 0 <= config.render_job_id < max(config.render_num_jobs, 1):
-        raise configs.ConfigError(f'Config.render_job_id = {config.render_job_id} must be in '
-                                  f'[0, Config.render_num_jobs = {config.render_num_jobs}).')
     ckpt_path = common.require_checkpoint(config)
     step = checkpoints.step_of(ckpt_path)
     out_name = f"{'path_renders' if config.render_path else 'test_preds'}_step_{step}"
     base_dir = config.render_dir or os.path.join(config.checkpoint_dir, 'render')
-    out_dir = common.ensure_output_dir(os.path.join(base_dir, out_name),
-                                       'Config.render_dir' if config.render_dir else 'Config.checkpoint_dir')
-    device = common.get_device(config)
+    out_what = 'Config.render_dir' if config.render_dir else 'Config.checkpoint_dir'
+    out_dir = common.ensure_output_dir(os.path.join(base_dir, out_name), out_what)
+    device = common.get_device(config, local_rank)
     dataset = common.load_dataset('test', config, device)
-    torch.manual_seed(config.seed)
-    model = models.Model(config=config).to(device)
+    model = common.build_model(config, device)
     step = common.restore_model(model, config, device, path=ckpt_path)
-    print(f'Rendering checkpoint {ckpt_path} (step {step}) to {out_dir}.', flush=True)
+    try:
+        with common.distributed_group(world_size, device), common.output_errors(out_what):
+            _render(config, dataset, model, ckpt_path, step, base_dir, out_dir, out_name, rank, world_size)
+    finally:
+        dataset.close()
+
+
+def _render(config, dataset, model, ckpt_path, step, base_dir, out_dir, out_name, rank, world_size):
+    """Renders this process's share of the frames; the last process to finish (rank 0 under torchrun, after
+    every rank) assembles the videos."""
+    manifest = render_manifest(config, ckpt_path, step, dataset)
+    if rank == 0:
+        _prepare_frame_folder(config, out_dir, base_dir, out_name, manifest)
+    _barrier(world_size)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f'Rendering checkpoint {ckpt_path} (step {step}) to {out_dir}.', flush=True)
     postprocess_fn = dataset.scene.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
     path_fn = lambda x: os.path.join(out_dir, x)
     zpad = max(3, len(str(dataset.size - 1)))
     idx_to_str = lambda i: str(i).zfill(zpad)
+    # torchrun ranks split each render job's frames further.
+    num_jobs, job_id = config.render_num_jobs * world_size, config.render_job_id * world_size + rank
 
     def write_frame(rendering, idx_str):
         # acc is written last, so its presence marks a complete frame (a killed render redoes the frame).
@@ -127,7 +227,7 @@ def main(unused_argv):
     futures = []
     try:
         for idx in range(dataset.size):
-            if idx % config.render_num_jobs != config.render_job_id:
+            if idx % num_jobs != job_id:
                 continue
             idx_str = idx_to_str(idx)
             if os.path.exists(path_fn(f'acc_{idx_str}.tiff')) and os.path.exists(path_fn(f'color_{idx_str}.png')):
@@ -149,6 +249,9 @@ def main(unused_argv):
             executor.shutdown(wait=True)
     for fut in futures:
         fut.result()  # Re-raises a failed write.
+    _barrier(world_size)
+    if rank != 0:
+        return
 
     num_files = len(glob.glob(path_fn('acc_*.tiff')))
     if num_files == dataset.size:
@@ -158,6 +261,12 @@ def main(unused_argv):
     else:
         print(f'{num_files}/{dataset.size} frames rendered; videos are made once every job has finished.',
               flush=True)
+
+
+def _barrier(world_size: int):
+    if world_size > 1:
+        import torch.distributed as dist  # pylint: disable=import-outside-toplevel
+        dist.barrier()
 
 
 def run(argv=None):
