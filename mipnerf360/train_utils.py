@@ -17,6 +17,7 @@ torch parameter name ('nerf_mlp', 'prop_mlp.trunk.0') or of a reference path ('N
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -253,56 +254,75 @@ def create_optimizer(config: Any, model: nn.Module) -> Tuple[torch.optim.Adam, C
     return optimizer, lr_fn
 
 
-def train_step(model: nn.Module,
-               optimizer: torch.optim.Optimizer,
-               lr_fn: Callable[[int], float],
-               batch: utils.Batch,
-               cameras: Optional[Tuple[Any, ...]],
-               train_frac: float,
-               step: int,
-               config: Any,
-               rng: Optional[torch.Generator],
-               loss_threshold: Optional[Union[float, torch.Tensor]] = None,
-               camtype: Any = None) -> Stats:
-    """One optimisation step: rays, forward, losses, backward, per-group clipping, Adam update.
+def step_generator(device: Union[str, torch.device], seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The model's sampling randomness for one step: a pure function of (seed, step, rank), so a resumed run
+    draws what the uninterrupted run drew."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + 0x5EED) % (2**63 - 1))
+    return g
 
-    Args:
-        model: a `Model` (or a DDP wrapper of one).
-        optimizer, lr_fn: from `create_optimizer`.
-        batch: a `Batch` on the model's device; `batch.rays` is `Rays`, or `Pixels` to be cast here with
-            `cameras` (as is done too for any batch when `config.cast_rays_in_train_step`).
-        cameras: (pixtocams, camtoworlds, distortion_params, pixtocam_ndc) on the model's device, or None.
-        train_frac: fraction of training done, in [0, 1].
-        step: the 1-based step number of the training loop; the learning rate used is lr_fn(step - 1), as the
-            reference's optax schedule counts updates from 0.
-        config: a `Config`.
-        rng: sampling generator on the model's device, None for deterministic sampling.
-        loss_threshold: RobustNeRF's inlier threshold; None uses the one this optimizer's previous step computed
-            (1.0 at first, as the reference's train.py).
-        camtype: camera_utils.ProjectionType for casting Pixels (perspective when None).
 
-    Returns:
-        Statistics, all tensors (or floats) left on the device: 'loss', 'losses' {term: value}, 'mses' and
-        'psnrs' [num_levels], 'psnr', 'grad_norms' / 'grad_maxes' / 'grad_norms_clipped' / 'weight_l2s'
-        {group: value}, 'lr', and the data-loss statistics. Convert with `stats_to_float` at logging time.
+@dataclasses.dataclass
+class TrainState:
+    """Everything a training run carries from one step to the next (the reference's flax TrainState).
+
+    step: the number of updates done (the next `train_step` runs step `step + 1`).
+    loss_threshold: RobustNeRF's inlier threshold, computed by the previous step (1.0 at first, as the
+        reference's train.py).
+    seed: with `step` and the process rank, it fixes each step's sampling randomness (`step_generator`).
     """
-    base = _unwrap(model)
-    rays = batch.rays
-    if isinstance(rays, utils.Pixels) or config.cast_rays_in_train_step:
-        if camtype is None:
-            camtype = camera_utils.ProjectionType.PERSPECTIVE
-        rays = camera_utils.cast_ray_batch(cameras, rays, camtype, xnp=torch)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_fn: Callable[[int], float]
+    step: int = 0
+    loss_threshold: Union[float, torch.Tensor] = 1.0
+    seed: int = 0
 
-    if loss_threshold is None:
-        loss_threshold = getattr(optimizer, 'robustnerf_loss_threshold', 1.0)
+    def step_generator(self, device: Union[str, torch.device], rank: int = 0) -> torch.Generator:
+        """The sampling generator of the next step (`step + 1`)."""
+        return step_generator(device, self.seed, self.step + 1, rank)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The checkpoint dict: 'model', 'optimizer', 'step', 'seed' and, once RobustNeRF has computed one,
+        'robustnerf_loss_threshold' (the layout checkpoints have always had)."""
+        state = {'model': _unwrap(self.model).state_dict(), 'optimizer': self.optimizer.state_dict(),
+                 'step': self.step, 'seed': self.seed}
+        if isinstance(self.loss_threshold, torch.Tensor):
+            state['robustnerf_loss_threshold'] = self.loss_threshold.detach().cpu()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]):
+        """Restores a dict written by `state_dict` (torch's errors propagate for a mismatched model)."""
+        base = _unwrap(self.model)
+        base.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.step = int(state['step'])
+        self.seed = int(state.get('seed', self.seed))
+        if state.get('robustnerf_loss_threshold') is not None:
+            device = next(base.parameters()).device
+            self.loss_threshold = torch.as_tensor(state['robustnerf_loss_threshold'], device=device)
+
+
+def create_train_state(config: Any, model: nn.Module) -> TrainState:
+    """A TrainState at step 0: Adam and the schedule of `create_optimizer`, seeded by `config.seed`."""
+    optimizer, lr_fn = create_optimizer(config, model)
+    return TrainState(model=model, optimizer=optimizer, lr_fn=lr_fn, seed=config.seed)
+
+
+def train_frac_of(step: int, config: Any) -> float:
+    """The training fraction that drives annealing at 1-based step `step`: (step - 1) / (max_steps - 1)."""
+    return float(np.clip((step - 1) / max(config.max_steps - 1, 1), 0, 1))
+
+
+def _compute_losses(state: TrainState, batch: utils.Batch, rays: utils.Rays, config: Any, rng: Optional[
+        torch.Generator], train_frac: float) -> Tuple[Dict[str, torch.Tensor], Stats]:
+    """Forward pass and every loss term {name: scalar tensor}, with the data-loss statistics."""
+    base = _unwrap(state.model)
     compute_extras = config.compute_disp_metrics or config.compute_normal_metrics
-    renderings, ray_history = model(rng, rays, train_frac=train_frac, compute_extras=compute_extras,
-                                    zero_glo=False)
-
+    renderings, ray_history = state.model(rng, rays, train_frac=train_frac, compute_extras=compute_extras,
+                                          zero_glo=False)
     losses = {}
-    data_loss, stats = compute_data_loss(batch, renderings, rays, loss_threshold, config)
-    losses['data'] = data_loss
+    losses['data'], stats = compute_data_loss(batch, renderings, rays, state.loss_threshold, config)
     if config.interlevel_loss_mult > 0:
         losses['interlevel'] = interlevel_loss(ray_history, config)
     if config.distortion_loss_mult > 0:
@@ -313,37 +333,83 @@ def train_step(model: nn.Module,
         losses['predicted_normals'] = predicted_normal_loss(base, ray_history, config)
     if config.weight_decay_mults:
         losses['weight'] = sum(m * weight_l2(base, k) for k, m in config.weight_decay_mults.items())
-
     # Python numbers become device tensors by a fill, not a host-to-device copy (which would synchronise a GPU).
-    loss = torch.stack([v.to(data_loss.dtype) if isinstance(v, torch.Tensor)
-                        else torch.full((), v, dtype=data_loss.dtype, device=data_loss.device)
-                        for v in losses.values()]).sum()
+    ref = losses['data']
+    losses = {k: v.to(ref.dtype) if isinstance(v, torch.Tensor) else torch.full((), v, dtype=ref.dtype,
+                                                                                 device=ref.device)
+              for k, v in losses.items()}
+    return losses, stats
 
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
 
-    groups = param_groups(base)
+def _grad_stats(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], ...]:
+    """Per parameter group: gradient L2 norm, gradient max |g|, and sum of squared weights."""
     grad_norms, grad_maxes, weight_l2s = {}, {}, {}
     with torch.no_grad():
-        for group, named in groups.items():
+        for group, named in param_groups(model).items():
             grads = [p.grad for _, p in named if p.grad is not None]
             if grads:
                 grad_norms[group] = _norm(grads)
                 grad_maxes[group] = _abs_max(grads)
             weight_l2s[group] = torch.stack([torch.sum(p.detach()**2) for _, p in named]).sum()
+    return grad_norms, grad_maxes, weight_l2s
+
+
+def train_step(state: TrainState,
+               batch: utils.Batch,
+               cameras: Optional[Tuple[Any, ...]],
+               config: Any,
+               rng: Optional[torch.Generator] = None,
+               camtype: Any = None,
+               train_frac: Optional[float] = None) -> Tuple[TrainState, Stats]:
+    """One optimisation step (number `state.step + 1`): rays, forward, losses, backward, per-group clipping,
+    Adam update. The state is updated in place and returned, as the reference's `train_step` returns its new
+    state.
+
+    Args:
+        state: from `create_train_state` (its model may be a DDP wrapper).
+        batch: a `Batch` on the model's device; `batch.rays` is `Rays`, or `Pixels` to be cast here with
+            `cameras` (as is done too for any batch when `config.cast_rays_in_train_step`).
+        cameras: (pixtocams, camtoworlds, distortion_params, pixtocam_ndc) on the model's device, or None.
+        config: a `Config`.
+        rng: sampling generator on the model's device (e.g. `state.step_generator(device, rank)`), None for
+            deterministic sampling.
+        camtype: camera_utils.ProjectionType for casting Pixels (perspective when None).
+        train_frac: fraction of training done, in [0, 1]; `train_frac_of(state.step + 1, config)` when None.
+
+    Returns:
+        (state, stats): stats are all tensors (or floats) left on the device: 'loss', 'losses' {term: value},
+        'mses' and 'psnrs' [num_levels], 'psnr', 'grad_norms' / 'grad_maxes' / 'grad_norms_clipped' /
+        'weight_l2s' {group: value}, 'lr', and the data-loss statistics. Convert with `stats_to_float` at
+        logging time. The learning rate is lr_fn(state.step) (the reference's optax schedule counts from 0).
+    """
+    base = _unwrap(state.model)
+    rays = batch.rays
+    if isinstance(rays, utils.Pixels) or config.cast_rays_in_train_step:
+        if camtype is None:
+            camtype = camera_utils.ProjectionType.PERSPECTIVE
+        rays = camera_utils.cast_ray_batch(cameras, rays, camtype, xnp=torch)
+    if train_frac is None:
+        train_frac = train_frac_of(state.step + 1, config)
+
+    losses, stats = _compute_losses(state, batch, rays, config, rng, train_frac)
+    loss = torch.stack(list(losses.values())).sum()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+
+    grad_norms, grad_maxes, weight_l2s = _grad_stats(base)
     grad_norms_clipped = clip_gradients(base, config)
 
-    lr = lr_fn(step - 1)
-    for param_group in optimizer.param_groups:
+    lr = state.lr_fn(state.step)
+    for param_group in state.optimizer.param_groups:
         param_group['lr'] = lr
-    optimizer.step()
-
+    state.optimizer.step()
+    state.step += 1
     if 'loss_threshold' in stats:
-        optimizer.robustnerf_loss_threshold = stats['loss_threshold'].detach()
+        state.loss_threshold = stats['loss_threshold'].detach()
 
     stats = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
     stats['loss'] = loss.detach()
-    stats['losses'] = {k: torch.as_tensor(v).detach() for k, v in losses.items()}
+    stats['losses'] = {k: v.detach() for k, v in losses.items()}
     stats['psnrs'] = image.mse_to_psnr(stats['mses'])
     stats['psnr'] = stats['psnrs'][-1]
     stats['grad_norms'] = grad_norms
@@ -351,7 +417,7 @@ def train_step(model: nn.Module,
     stats['grad_norms_clipped'] = grad_norms_clipped
     stats['weight_l2s'] = weight_l2s
     stats['lr'] = lr
-    return stats
+    return state, stats
 
 
 def _flatten_stats(stats: Mapping[str, Any], prefix: str = '') -> List[Tuple[str, Any]]:

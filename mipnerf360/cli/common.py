@@ -187,10 +187,11 @@ def require_checkpoint(config: configs.Config) -> str:
 
 
 def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.device,
-                  required: bool = True, optimizer: Optional[torch.optim.Optimizer] = None,
-                  path: Optional[str] = None) -> int:
-    """Loads the newest checkpoint (or `path`) into `model` (and `optimizer`, with RobustNeRF's running loss
-    threshold); returns its step (0 when there is none and it is not `required`)."""
+                  required: bool = True, path: Optional[str] = None,
+                  train_state=None) -> int:
+    """Loads the newest checkpoint (or `path`) into `model`, and into the whole `train_state` when given (a
+    `train_utils.TrainState`: model, Adam state, step, seed, RobustNeRF's loss threshold); returns its step
+    (0 when there is none and it is not `required`)."""
     if path is None:
         path = require_checkpoint(config) if required else checkpoints.latest_checkpoint(config.checkpoint_dir)
     if path is None:
@@ -202,19 +203,16 @@ def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.
         raise checkpoints.CheckpointError(
             f'Checkpoint {path} does not match this model ({str(e).splitlines()[0]}); use the gin configs it was '
             'trained with (see config.gin next to it).') from None
-    if optimizer is not None:
+    if train_state is not None:
         if 'optimizer' not in state:
             raise checkpoints.CheckpointError(f'Checkpoint {path} has no optimizer state, so training cannot '
                                               'resume from it; train into a new Config.checkpoint_dir.')
         try:
-            optimizer.load_state_dict(state['optimizer'])
+            train_state.load_state_dict(state)
         except (ValueError, KeyError) as e:
             raise checkpoints.CheckpointError(
                 f'Checkpoint {path} holds optimizer state for another model ({one_line(e)}); use the gin configs '
                 'it was trained with (see config.gin next to it).') from None
-        if state.get('robustnerf_loss_threshold') is not None:
-            optimizer.robustnerf_loss_threshold = torch.as_tensor(state['robustnerf_loss_threshold'],
-                                                                  device=device)
     return int(state['step'])
 
 

@@ -33,13 +33,6 @@ from mipnerf360.cli import common
 _STOP_CHECK_EVERY_DDP = 10
 
 
-def _step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
-    """The model's sampling randomness for one step: a pure function of (seed, step, rank) (exact resumes)."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + 0x5EED) % (2**63 - 1))
-    return g
-
-
 class _Stopper:
     """SIGTERM and a first SIGINT set a flag checked between steps (the loop saves a checkpoint and exits);
     a second SIGINT raises KeyboardInterrupt at once. Handlers are restored by `uninstall`."""
@@ -104,8 +97,8 @@ def main(unused_argv):
     if base_model.num_glo_features > 0 and dataset.size > base_model.num_glo_embeddings:
         raise configs.ConfigError(f'Model.num_glo_embeddings = {base_model.num_glo_embeddings} is smaller than '
                                   f'the number of training images ({dataset.size}); raise it with --gin_bindings.')
-    optimizer, lr_fn = train_utils.create_optimizer(config, model)
-    last_step = common.restore_model(model, config, device, required=False, optimizer=optimizer)
+    state = train_utils.create_train_state(config, model)
+    last_step = common.restore_model(model, config, device, required=False, train_state=state)
     init_step = last_step + 1
     num_steps = config.early_exit_steps if config.early_exit_steps is not None else config.max_steps
     is_main = rank == 0
@@ -120,6 +113,7 @@ def main(unused_argv):
         # Broadcasts rank 0's parameters, so every rank starts from the same (restored) weights.
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
+        state.model = model
 
     writer = log_file = None
     if is_main:
@@ -146,12 +140,8 @@ def main(unused_argv):
 
     def save(step: int):
         if is_main:
-            state = {'model': base_model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
-                     'seed': config.seed}
-            threshold = getattr(optimizer, 'robustnerf_loss_threshold', None)
-            if threshold is not None:
-                state['robustnerf_loss_threshold'] = torch.as_tensor(threshold).detach().cpu()
-            path = checkpoints.save_checkpoint(config.checkpoint_dir, state, step, keep=config.checkpoints_to_keep)
+            path = checkpoints.save_checkpoint(config.checkpoint_dir, state.state_dict(), step,
+                                               keep=config.checkpoints_to_keep)
             log(f'Saved checkpoint {path}')
 
     cameras = dataset.cameras
@@ -168,10 +158,9 @@ def main(unused_argv):
     try:
         for step in range(init_step, num_steps + 1):
             batch = next(dataset)
-            train_frac = float(np.clip((step - 1) / max(config.max_steps - 1, 1), 0, 1))
-            rng = _step_generator(device, config.seed, step, rank) if config.randomized else None
-            stats = train_utils.train_step(model, optimizer, lr_fn, batch, cameras, train_frac, step, config, rng,
-                                           camtype=dataset.camtype)
+            train_frac = train_utils.train_frac_of(step, config)
+            rng = state.step_generator(device, rank) if config.randomized else None
+            state, stats = train_utils.train_step(state, batch, cameras, config, rng, camtype=dataset.camtype)
             window_steps += 1
             bar.update(1)
             if is_main:
@@ -183,7 +172,7 @@ def main(unused_argv):
                 elapsed = time.time() - window_start
                 steps_per_sec = window_steps / max(elapsed, 1e-9)
                 rays_per_sec = config.batch_size * steps_per_sec
-                lr = float(lr_fn(step - 1))
+                lr = float(state.lr_fn(step - 1))
                 for k, v in avg.items():
                     writer.add_scalar(f'train_avg_{k}', v, step)
                 writer.add_scalar('train_learning_rate', lr, step)
