@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -78,10 +78,49 @@ def _fsync_dir(directory: str):
         os.close(fd)
 
 
+def _float_tensors(tree: Any, prefix: str = '') -> List[Tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        return [(prefix, tree)] if tree.is_floating_point() or tree.is_complex() else []
+    if isinstance(tree, Mapping):
+        return [e for k, v in tree.items() for e in _float_tensors(v, f'{prefix}/{k}' if prefix else str(k))]
+    if isinstance(tree, (list, tuple)):
+        return [e for i, v in enumerate(tree) for e in _float_tensors(v, f'{prefix}/{i}')]
+    return []
+
+
+def nonfinite_entries(tree: Any) -> List[str]:
+    """The '/'-joined key paths of the floating-point tensors in `tree` holding a NaN or an infinity."""
+    entries = _float_tensors(tree)
+    if not entries:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in entries]).tolist()
+    return [name for (name, _), ok in zip(entries, finite) if not ok]
+
+
+def _describe(names: Sequence[str]) -> str:
+    return ', '.join(names[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+
+
+def require_finite(state: Mapping[str, Any], path: str, keys: Sequence[str] = ('model',)):
+    """Raises CheckpointError naming `path` when the entries `keys` of a loaded checkpoint hold NaN or inf."""
+    bad = nonfinite_entries({k: state[k] for k in keys if k in state})
+    if bad:
+        raise CheckpointError(f'Checkpoint {path} holds non-finite values ({_describe(bad)}), so it cannot be '
+                              f'used; {_fallback_advice(path)}.')
+
+
 def save_checkpoint(checkpoint_dir: str, state: Dict[str, Any], step: int, keep: int = 3) -> str:
-    """Atomically writes `state` as the checkpoint of `step`; keeps the newest `keep` checkpoints (0 = all)."""
+    """Atomically writes `state` as the checkpoint of `step`; keeps the newest `keep` checkpoints (0 = all).
+
+    A state holding NaN or inf is refused (CheckpointError, nothing on disk changes), so the checkpoints that
+    rotation keeps are always finite ones.
+    """
     ensure_dir(checkpoint_dir)
     path = checkpoint_path(checkpoint_dir, step)
+    bad = nonfinite_entries(state)
+    if bad:
+        raise CheckpointError(f'Refusing to write checkpoint {path}: non-finite values in {_describe(bad)}; the '
+                              'checkpoints on disk are unchanged.')
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:

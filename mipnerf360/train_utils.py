@@ -29,6 +29,14 @@ from mipnerf360 import camera_utils, image, math, models, ref_utils, robustnerf,
 
 Stats = Dict[str, Any]
 
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NAN_POLICIES = ('stop', 'skip_step')
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped because a loss term or gradient norm went non-finite (the message names the step, the
+    terms and what to do)."""
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The `Model` inside a DistributedDataParallel wrapper (or the model itself)."""
@@ -246,11 +254,15 @@ def create_optimizer(config: Any, model: nn.Module) -> Tuple[torch.optim.Adam, C
         lr_delay_mult=config.lr_delay_mult)
 
     def lr_fn(step: int) -> float:
-        return float(lr_fn_raw(step))
+        # Through numpy: a CPU value, but .item() would look like a device sync to `syncguard`.
+        return float(lr_fn_raw(step).numpy())
 
     params = [p for p in model.parameters() if p.requires_grad]
+    # The fused kernel keeps Adam's step count on the parameters' device: no host sync per step (the default
+    # implementation reads the count with .item()), and a skipped update can be undone on the device.
+    fused = all(p.device.type in ('cpu', 'cuda') and p.dtype in _FUSED_DTYPES for p in params)
     optimizer = torch.optim.Adam(params, lr=lr_fn(0), betas=(config.adam_beta1, config.adam_beta2),
-                                 eps=config.adam_eps)
+                                 eps=config.adam_eps, fused=fused)
     return optimizer, lr_fn
 
 
@@ -277,6 +289,7 @@ class TrainState:
     step: int = 0
     loss_threshold: Union[float, torch.Tensor] = 1.0
     seed: int = 0
+    guard: Optional['FiniteGuard'] = None
 
     def step_generator(self, device: Union[str, torch.device], rank: int = 0) -> torch.Generator:
         """The sampling generator of the next step (`step + 1`)."""
@@ -303,10 +316,112 @@ class TrainState:
             self.loss_threshold = torch.as_tensor(state['robustnerf_loss_threshold'], device=device)
 
 
+@dataclasses.dataclass
+class GuardReport:
+    """The guard's device state, read on the host (`FiniteGuard.read`)."""
+    halted: bool
+    skips_in_a_row: int
+    num_skipped: int
+    streak_start: int  # The first step of the newest run of non-finite steps (-1: none yet).
+    streak_terms: List[str]  # The terms non-finite at `streak_start`.
+
+
+class FiniteGuard:
+    """Watches each step's loss terms and gradient norms, entirely on the device.
+
+    A step whose terms are all finite is applied. A non-finite one is not (parameters, Adam moments and step
+    count, and RobustNeRF's threshold stay as they were); under `Config.nan_policy = 'stop'` the guard then
+    halts, and under 'skip_step' it halts after `Config.nan_max_skips_in_a_row` skipped steps in a row. Once
+    halted, no further update is applied, so the state is that of the last finite step. The host learns of it
+    only when it calls `read` (at logging steps, before saving, at the end).
+    """
+
+    def __init__(self, device: torch.device, policy: str, max_skips_in_a_row: int):
+        def zero(dtype):
+            return torch.zeros((), dtype=dtype, device=device)
+        self.stop_at_first = policy == 'stop'
+        self.max_skips_in_a_row = max_skips_in_a_row
+        self.halted = zero(torch.bool)
+        self.skips_in_a_row = zero(torch.long)
+        self.num_skipped = zero(torch.long)
+        self.streak_start = zero(torch.long) - 1
+        self.streak_terms: Optional[torch.Tensor] = None
+        self.term_names: List[str] = []
+
+    def update(self, step: int, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Records step `step` with its scalar `terms`; returns whether to apply its update (a 0-d bool)."""
+        finite = torch.stack([torch.isfinite(v.detach()) for v in terms.values()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # One rank's non-finite loss stops all ranks at the same step.
+            finite_int = finite.to(torch.int32)
+            torch.distributed.all_reduce(finite_int, op=torch.distributed.ReduceOp.MIN)
+            finite = finite_int.bool()
+        if self.streak_terms is None or list(terms) != self.term_names:
+            self.term_names = list(terms)
+            self.streak_terms = torch.zeros_like(finite)
+        active = ~self.halted
+        ok = finite.all()
+        bad = ~ok & active
+        new_streak = bad & (self.skips_in_a_row == 0)
+        self.streak_start = torch.where(new_streak, step, self.streak_start)
+        self.streak_terms = torch.where(new_streak, ~finite, self.streak_terms)
+        self.skips_in_a_row = torch.where(bad, self.skips_in_a_row + 1,
+                                          torch.where(active, 0, self.skips_in_a_row))
+        self.num_skipped = self.num_skipped + bad
+        halt = self.skips_in_a_row >= self.max_skips_in_a_row
+        if self.stop_at_first:
+            halt = halt | bad
+        self.halted = self.halted | halt
+        return ok & active
+
+    def read(self) -> GuardReport:
+        """One device-to-host copy of the guard's state."""
+        flags = self.streak_terms if self.streak_terms is not None else torch.zeros(0, dtype=torch.bool,
+                                                                                      device=self.halted.device)
+        values = torch.cat([torch.stack([self.halted.long(), self.skips_in_a_row, self.num_skipped,
+                                         self.streak_start]), flags.long()]).cpu().tolist()
+        terms = [name for name, bad in zip(self.term_names, values[4:]) if bad]
+        return GuardReport(halted=bool(values[0]), skips_in_a_row=values[1], num_skipped=values[2],
+                           streak_start=values[3], streak_terms=terms)
+
+
 def create_train_state(config: Any, model: nn.Module) -> TrainState:
-    """A TrainState at step 0: Adam and the schedule of `create_optimizer`, seeded by `config.seed`."""
+    """A TrainState at step 0: Adam and the schedule of `create_optimizer`, seeded by `config.seed`, with a
+    `FiniteGuard` following `config.nan_policy`."""
+    from mipnerf360 import configs  # pylint: disable=import-outside-toplevel
+    if config.nan_policy not in NAN_POLICIES:
+        raise configs.ConfigError(f'Config.nan_policy = {config.nan_policy!r} is not one of {NAN_POLICIES}; '
+                                  "use 'stop' (the default) or 'skip_step'.")
+    if config.nan_max_skips_in_a_row < 1:
+        raise configs.ConfigError(f'Config.nan_max_skips_in_a_row = {config.nan_max_skips_in_a_row} must be '
+                                  '>= 1; set it to e.g. 100.')
     optimizer, lr_fn = create_optimizer(config, model)
-    return TrainState(model=model, optimizer=optimizer, lr_fn=lr_fn, seed=config.seed)
+    device = next(_unwrap(model).parameters()).device
+    guard = FiniteGuard(device, config.nan_policy, config.nan_max_skips_in_a_row)
+    return TrainState(model=model, optimizer=optimizer, lr_fn=lr_fn, seed=config.seed, guard=guard)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Dict[Tuple[int, str], torch.Tensor]:
+    """Every parameter and every tensor of its optimizer state (Adam: step, exp_avg, exp_avg_sq)."""
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            out[(id(p), '')] = p
+            for k, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    out[(id(p), k)] = v
+    return out
+
+
+def _guarded_optimizer_step(optimizer: torch.optim.Optimizer, apply: torch.Tensor):
+    """optimizer.step(), undone on the device where `apply` (a 0-d bool) is False: the parameters and the
+    optimizer state (fresh state counts as zeros, as Adam's initial state) keep their values."""
+    with torch.no_grad():
+        before = {k: v.detach().clone() for k, v in _optimizer_tensors(optimizer).items()}
+        optimizer.step()
+        for k, t in _optimizer_tensors(optimizer).items():
+            old = before.get(k)
+            t.copy_(torch.where(apply, t, old if old is not None else torch.zeros_like(t)))
 
 
 def train_frac_of(step: int, config: Any) -> float:
@@ -397,15 +512,23 @@ def train_step(state: TrainState,
     loss.backward()
 
     grad_norms, grad_maxes, weight_l2s = _grad_stats(base)
+    watched = {f'{k} loss': v for k, v in losses.items()}
+    watched.update({f'gradient norm of {k}': v for k, v in grad_norms.items()})
     grad_norms_clipped = clip_gradients(base, config)
 
     lr = state.lr_fn(state.step)
     for param_group in state.optimizer.param_groups:
         param_group['lr'] = lr
-    state.optimizer.step()
+    if state.guard is None:
+        state.optimizer.step()
+        apply = None
+    else:
+        apply = state.guard.update(state.step + 1, watched)
+        _guarded_optimizer_step(state.optimizer, apply)
     state.step += 1
     if 'loss_threshold' in stats:
-        state.loss_threshold = stats['loss_threshold'].detach()
+        new = stats['loss_threshold'].detach()
+        state.loss_threshold = new if apply is None else torch.where(apply, new, state.loss_threshold)
 
     stats = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
     stats['loss'] = loss.detach()

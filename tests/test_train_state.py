@@ -16,6 +16,13 @@ from test_train_utils import _ring_scene, _tiny_model
 OLD = os.path.join(os.path.dirname(__file__), 'data', 'old_layout', 'checkpoint_00000002.pt')
 
 
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+    """In-process CLI tests leave gin bindings behind, and Config() would pick them up."""
+    import gin
+    gin.clear_config()
+
+
 def _config(**kw):
     return configs.Config(lr_init=2e-3, lr_final=2e-3, max_steps=10, lr_delay_steps=0, data_loss_type='robustnerf',
                           **kw)

@@ -197,6 +197,7 @@ def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.
     if path is None:
         return 0
     state = checkpoints.load_checkpoint(path, map_location=device)
+    checkpoints.require_finite(state, path, ('model', 'optimizer') if train_state is not None else ('model',))
     try:
         model.load_state_dict(state['model'])
     except RuntimeError as e:

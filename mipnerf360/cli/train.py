@@ -95,6 +95,7 @@ class _Run:
     num_steps: int
     num_params: int
     last_saved: int
+    num_skipped: int = 0  # Non-finite steps skipped so far (as last read from the guard).
 
     @property
     def is_main(self) -> bool:
@@ -124,6 +125,10 @@ class _Logger:
                 print(msg, flush=True)
             else:
                 self.bar.write(msg, file=sys.stdout)
+            self.to_file(msg)
+
+    def to_file(self, msg: str):
+        if self.enabled:
             self.log_file.write(msg + '\n')
             self.log_file.flush()
 
@@ -202,7 +207,34 @@ def _setup(config: configs.Config, rank: int, world_size: int, local_rank: int) 
                 num_params=sum(p.numel() for p in model.parameters() if p.requires_grad), last_saved=last_step)
 
 
+def _check_finite(run: _Run, log: _Logger, step: int):
+    """Reads the finite-state guard (a host sync): logs skipped steps, and raises NonFiniteError once it has
+    halted (the parameters then are those of the last finite step, and nothing was saved after it)."""
+    report = run.state.guard.read()
+    if run.config.nan_policy == 'skip_step' and report.num_skipped > run.num_skipped:
+        log(f'Skipped {report.num_skipped - run.num_skipped} non-finite update(s) by step {step} '
+            f'({report.num_skipped} in all; the newest run of them began at step {report.streak_start}: '
+            f'{", ".join(report.streak_terms)}); Config.nan_policy = skip_step.')
+        if log.writer is not None:
+            log.writer.add_scalar('train_skipped_steps', report.num_skipped, step)
+        run.num_skipped = report.num_skipped
+    if not report.halted:
+        return
+    newest = checkpoints.latest_checkpoint(run.config.checkpoint_dir)
+    if run.config.nan_policy == 'stop':
+        what = f'step {report.streak_start} went non-finite ({", ".join(report.streak_terms)})'
+    else:
+        what = (f'{report.skips_in_a_row} non-finite steps in a row from step {report.streak_start} '
+                f'({", ".join(report.streak_terms)}; Config.nan_max_skips_in_a_row = '
+                f'{run.config.nan_max_skips_in_a_row})')
+    raise train_utils.NonFiniteError(
+        f'Training stopped: {what}; the newest good checkpoint is '
+        f'{newest if newest else "none (none was saved yet)"}; lower Config.lr_init or check the data, then '
+        'resume with the same command.')
+
+
 def _save(run: _Run, log: _Logger, step: int):
+    _check_finite(run, log, step)  # Never save a state past a non-finite step.
     if run.is_main:
         path = checkpoints.save_checkpoint(run.config.checkpoint_dir, run.state.state_dict(), step,
                                            keep=run.config.checkpoints_to_keep)
@@ -230,8 +262,10 @@ def _train_loop(run: _Run, log: _Logger, stopper: _Stopper) -> int:
         run.state, stats = train_utils.train_step(run.state, batch, run.cameras, config, rng,
                                                   camtype=run.dataset.camtype)
         log.record(stats)
-        if run.is_main and (step == run.init_step or step % config.print_every == 0 or step == run.num_steps):
-            log.log_stats(run, step)
+        if step == run.init_step or step % config.print_every == 0 or step == run.num_steps:
+            _check_finite(run, log, step)
+            if run.is_main:
+                log.log_stats(run, step)
         if step % config.checkpoint_every == 0 or step == run.num_steps:
             _save(run, log, step)
         if (run.is_main and config.train_render_every > 0 and step % config.train_render_every == 0
@@ -263,6 +297,10 @@ def main(unused_argv):
     stopper.install()
     try:
         _train_loop(run, log, stopper)
+        _check_finite(run, log, run.state.step)
+    except train_utils.NonFiniteError as e:
+        log.to_file(f'error: {common.one_line(e)}')
+        common.user_error_exit(e)
     except KeyboardInterrupt:
         log(f'Interrupted during step {run.state.step + 1}; the newest checkpoint on disk is step '
             f'{run.last_saved}.')
