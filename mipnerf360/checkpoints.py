@@ -8,14 +8,23 @@ the new one, never a partial newest file. Loading uses `torch.load(weights_only=
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
+import socket
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 _PATTERN = re.compile(r'^checkpoint_(\d+)\.pt$')
+_TEMP_OWNER = re.compile(r'\.pt\.tmp(\d+)(?:@(.*))?$')  # checkpoint_<step>.pt.tmp<pid>@<host>
+LOCK_NAME = 'train.lock'
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; training runs unlocked.
+    fcntl = None
 
 
 class CheckpointError(RuntimeError):
@@ -121,7 +130,7 @@ def save_checkpoint(checkpoint_dir: str, state: Dict[str, Any], step: int, keep:
     if bad:
         raise CheckpointError(f'Refusing to write checkpoint {path}: non-finite values in {_describe(bad)}; the '
                               'checkpoints on disk are unchanged.')
-    tmp = f'{path}.tmp{os.getpid()}'
+    tmp = f'{path}.tmp{os.getpid()}@{socket.gethostname()}'
     try:
         with open(tmp, 'wb') as f:
             torch.save(state, f)
@@ -138,13 +147,79 @@ def save_checkpoint(checkpoint_dir: str, state: Dict[str, Any], step: int, keep:
     if keep > 0:
         for old in list_checkpoints(checkpoint_dir)[:-keep]:
             os.remove(old)
-    # Temp files left by a run killed mid-write are garbage; the finished checkpoints never are.
-    for stale in glob.glob(os.path.join(checkpoint_dir, 'checkpoint_*.pt.tmp*')):
+    _remove_stale_temps(checkpoint_dir)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Someone else's process.
+        return True
+    return True
+
+
+def _remove_stale_temps(checkpoint_dir: str):
+    """Removes temp files left by writers killed mid-write: those of dead processes on this host. A live
+    writer's temp file, or one from another host (whose processes cannot be checked), is left alone."""
+    host = socket.gethostname()
+    for tmp in glob.glob(os.path.join(checkpoint_dir, 'checkpoint_*.pt.tmp*')):
+        m = _TEMP_OWNER.search(tmp)
+        if m is None or (m.group(2) or host) != host or pid_alive(int(m.group(1))):
+            continue
         try:
-            os.remove(stale)
+            os.remove(tmp)
         except OSError:
             pass
-    return path
+
+
+class TrainingLock:
+    """An exclusive lock on a checkpoint_dir for the whole of a training run: `train.lock` holds
+    '<pid> <host>' and an advisory `flock`, which the OS releases when the process dies however it dies.
+
+    `acquire` raises CheckpointError naming the running trainer when another process holds it; a lock file left
+    by a dead trainer (the flock is free but the file still names it) is taken over, and `acquire` returns a
+    message saying so. `release` empties the file and unlocks it.
+    """
+
+    def __init__(self, checkpoint_dir: str):
+        self.path = os.path.join(checkpoint_dir, LOCK_NAME)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> Optional[str]:
+        if fcntl is None:
+            return None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = os.pread(fd, 256, 0).decode(errors='replace').split()
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return f'Could not lock {self.path} ({e.strerror}); make sure no other run trains here.'
+            pid, host = (owner + ['?', '?'])[:2]
+            raise CheckpointError(f'Another training run (pid {pid} on host {host}) is using this '
+                                  f'checkpoint_dir ({self.path} is locked); wait for it to finish or stop it, or '
+                                  'choose another Config.checkpoint_dir.') from None
+        previous = os.pread(fd, 256, 0).decode(errors='replace').split()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'{os.getpid()} {socket.gethostname()}\n'.encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        if len(previous) >= 2:
+            return (f'Took over the lock {self.path} of pid {previous[0]} on host {previous[1]}, which no longer '
+                    'holds it (it ended without releasing it).')
+        return None
+
+    def release(self):
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def _fallback_advice(path: str) -> str:

@@ -78,3 +78,62 @@ def test_killed_writer_never_leaves_partial_newest(tmp_path):
     newest = checkpoints.latest_checkpoint(d)
     state = checkpoints.load_checkpoint(newest)  # Must not raise: either step 1 or a complete step 2.
     assert state['step'] in (1, 2)
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, '-c', 'pass'])
+    proc.wait()
+    return proc.pid
+
+
+def test_training_lock_between_two_processes(tmp_path):
+    """A second trainer is refused naming the first (pid, host); a lock left by a killed trainer is taken
+    over with a message; a released lock is free."""
+    import socket
+    import time
+    from test_cli import REPO, TINY_GIN, _env, _flags
+    d = tmp_path / 'ckpt'
+    d.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys, time\nfrom mipnerf360 import checkpoints\n'
+         f'lock = checkpoints.TrainingLock({str(d)!r})\nprint(lock.acquire(), flush=True)\ntime.sleep(120)\n'],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == 'None'
+        owner = f'pid {holder.pid} on host {socket.gethostname()}'
+        with pytest.raises(checkpoints.CheckpointError, match=owner):
+            checkpoints.TrainingLock(str(d)).acquire()
+        # The real command: one line naming the holder, before anything is written.
+        gin_file = tmp_path / 'tiny.gin'
+        gin_file.write_text(TINY_GIN.format(steps=2))
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, '-m', 'train'] + _flags(str(gin_file), str(tmp_path), str(d)),
+                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and time.time() - t0 < 60
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and owner in lines[0] and 'Config.checkpoint_dir' in lines[0], lines
+        assert sorted(os.listdir(d)) == [checkpoints.LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = checkpoints.TrainingLock(str(d))
+    msg = lock.acquire()
+    assert f'pid {holder.pid} on host {socket.gethostname()}' in msg and 'Took over' in msg
+    assert (d / checkpoints.LOCK_NAME).read_text().split() == [str(os.getpid()), socket.gethostname()]
+    lock.release()
+    assert checkpoints.TrainingLock(str(d)).acquire() is None
+
+
+def test_stale_temp_cleanup_spares_live_writers(tmp_path):
+    import socket
+    host, dead = socket.gethostname(), _dead_pid()
+    names = {'live': f'checkpoint_00000005.pt.tmp{os.getpid()}@{host}',
+             'dead': f'checkpoint_00000005.pt.tmp{dead}@{host}',
+             'dead_old_style': f'checkpoint_00000004.pt.tmp{dead}',
+             'other_host': f'checkpoint_00000005.pt.tmp{dead}@not-{host}'}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b'partial')
+    checkpoints.save_checkpoint(str(tmp_path), _state(1), 1)
+    left = set(os.listdir(tmp_path))
+    assert names['live'] in left and names['other_host'] in left
+    assert names['dead'] not in left and names['dead_old_style'] not in left

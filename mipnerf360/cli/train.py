@@ -289,8 +289,21 @@ def _train_loop(run: _Run, log: _Logger, stopper: _Stopper) -> int:
 def main(unused_argv):
     rank, world_size, local_rank = common.distributed_env()
     config = common.load_config(for_training=True)
+    lock = checkpoints.TrainingLock(config.checkpoint_dir) if rank == 0 else None
+    lock_message = lock.acquire() if lock is not None else None
+    try:
+        _train(config, rank, world_size, local_rank, lock_message)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, lock_message: Optional[str]):
+    """Setup, the loop and the cleanup of a run, in a checkpoint_dir this process has locked."""
     run = _setup(config, rank, world_size, local_rank)
     log = _Logger(run)
+    if lock_message:
+        log(lock_message)
     log(f'Training on {run.device} ({world_size} process(es), {config.batch_size // world_size} rays each); '
         f'{run.num_params} parameters; {run.dataset.size} training images; steps {run.init_step}..{run.num_steps}.')
     stopper = _Stopper()
