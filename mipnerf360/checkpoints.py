@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import os
 import re
 import socket
@@ -20,6 +21,7 @@ import torch
 _PATTERN = re.compile(r'^checkpoint_(\d+)\.pt$')
 _TEMP_OWNER = re.compile(r'\.pt\.tmp(\d+)(?:@(.*))?$')  # checkpoint_<step>.pt.tmp<pid>@<host>
 LOCK_NAME = 'train.lock'
+CHECKSUM_KEY = 'checksum'
 
 try:
     import fcntl
@@ -29,6 +31,39 @@ except ImportError:  # Windows: no advisory locks; training runs unlocked.
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or written (the message names the file and what to do)."""
+
+
+class ChecksumError(CheckpointError):
+    """A checkpoint whose contents differ from the checksum stored when it was written."""
+
+
+def payload_digest(state: Mapping[str, Any]) -> str:
+    """'sha256:<hex>' of a checkpoint's contents: every key, plain value, and tensor (dtype, shape and bytes),
+    in key order; the same before saving and after loading, on any device."""
+    h = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f'T{t.dtype}{tuple(t.shape)}:'.encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, Mapping):
+            h.update(b'{')
+            for k in sorted(x, key=repr):
+                if k != CHECKSUM_KEY:
+                    h.update(f'{k!r}:'.encode())
+                    visit(x[k])
+            h.update(b'}')
+        elif isinstance(x, (list, tuple)):
+            h.update(b'[')
+            for v in x:
+                visit(v)
+            h.update(b']')
+        else:
+            h.update(f'{x!r};'.encode())
+
+    visit(state)
+    return 'sha256:' + h.hexdigest()
 
 
 def checkpoint_path(checkpoint_dir: str, step: int) -> str:
@@ -130,6 +165,8 @@ def save_checkpoint(checkpoint_dir: str, state: Dict[str, Any], step: int, keep:
     if bad:
         raise CheckpointError(f'Refusing to write checkpoint {path}: non-finite values in {_describe(bad)}; the '
                               'checkpoints on disk are unchanged.')
+    state = dict(state)
+    state[CHECKSUM_KEY] = payload_digest(state)
     tmp = f'{path}.tmp{os.getpid()}@{socket.gethostname()}'
     try:
         with open(tmp, 'wb') as f:
@@ -232,8 +269,22 @@ def _fallback_advice(path: str) -> str:
     return 'delete it to train from scratch, or point Config.checkpoint_dir elsewhere'
 
 
-def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
-    """Loads a checkpoint written by `save_checkpoint` (weights only: no code is unpickled)."""
+def _older_intact(path: str) -> Optional[str]:
+    """The newest checkpoint older than `path` next to it that loads and passes its checksum."""
+    older = [p for p in list_checkpoints(os.path.dirname(path) or '.') if step_of(p) < step_of(path)]
+    for candidate in reversed(older):
+        try:
+            load_checkpoint(candidate, describe_fallback=False)
+        except CheckpointError:
+            continue
+        return candidate
+    return None
+
+
+def load_checkpoint(path: str, map_location: Any = 'cpu', describe_fallback: bool = True) -> Dict[str, Any]:
+    """Loads a checkpoint written by `save_checkpoint` (weights only: no code is unpickled) and verifies its
+    checksum (checkpoints written before checksums existed have none and load as they are). On a mismatch the
+    ChecksumError names the newest intact older checkpoint (when `describe_fallback`)."""
     if not os.path.isfile(path):
         raise CheckpointError(f'Checkpoint not found: {path}.')
     try:
@@ -245,4 +296,29 @@ def load_checkpoint(path: str, map_location: Any = 'cpu') -> Dict[str, Any]:
     if not isinstance(state, dict) or 'model' not in state or 'step' not in state:
         raise CheckpointError(f'Checkpoint {path} lacks model weights or step; it was not written by mipnerf360; '
                               f'{_fallback_advice(path)}.')
+    expected = state.pop(CHECKSUM_KEY, None)
+    if expected is not None and expected != payload_digest(state):
+        older = _older_intact(path) if describe_fallback else None
+        advice = (f'the newest intact older checkpoint is {older}: set Config.resume_fallback = True to resume '
+                  f'from it, or delete {os.path.basename(path)}' if older else
+                  'no older intact checkpoint exists; delete it to train from scratch')
+        raise ChecksumError(f'Checkpoint {path} fails its checksum (it changed on disk after it was written); '
+                            f'{advice}.')
     return state
+
+
+def load_newest_intact(checkpoint_dir: str, map_location: Any = 'cpu',
+                       keys_finite: Sequence[str] = ('model',)) -> Tuple[Optional[str], Optional[Dict[str, Any]],
+                                                                         List[str]]:
+    """The newest checkpoint that loads, passes its checksum and holds finite `keys_finite`: (path, state,
+    one message per newer checkpoint passed over); (None, None, messages) when there is none."""
+    passed_over = []
+    for path in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            state = load_checkpoint(path, map_location, describe_fallback=False)
+            require_finite(state, path, keys_finite)
+        except CheckpointError as e:
+            passed_over.append(f'Passing over {path}: {" ".join(str(e).split()).split("; ")[0]}.')
+            continue
+        return path, state, passed_over
+    return None, None, passed_over

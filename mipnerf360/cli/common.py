@@ -192,12 +192,22 @@ def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.
     """Loads the newest checkpoint (or `path`) into `model`, and into the whole `train_state` when given (a
     `train_utils.TrainState`: model, Adam state, step, seed, RobustNeRF's loss threshold); returns its step
     (0 when there is none and it is not `required`)."""
-    if path is None:
-        path = require_checkpoint(config) if required else checkpoints.latest_checkpoint(config.checkpoint_dir)
-    if path is None:
-        return 0
-    state = checkpoints.load_checkpoint(path, map_location=device)
-    checkpoints.require_finite(state, path, ('model', 'optimizer') if train_state is not None else ('model',))
+    keys_finite = ('model', 'optimizer') if train_state is not None else ('model',)
+    if path is None and config.resume_fallback and checkpoints.list_checkpoints(config.checkpoint_dir):
+        path, state, passed_over = checkpoints.load_newest_intact(config.checkpoint_dir, device, keys_finite)
+        for msg in passed_over:
+            print(f'{msg} (Config.resume_fallback = True)', flush=True)
+        if path is None:
+            raise checkpoints.CheckpointError(
+                f'No checkpoint in Config.checkpoint_dir = {config.checkpoint_dir!r} is intact ({passed_over[0]}); '
+                'move them away to train from scratch.')
+    else:
+        if path is None:
+            path = require_checkpoint(config) if required else checkpoints.latest_checkpoint(config.checkpoint_dir)
+        if path is None:
+            return 0
+        state = checkpoints.load_checkpoint(path, map_location=device)
+        checkpoints.require_finite(state, path, keys_finite)
     try:
         model.load_state_dict(state['model'])
     except RuntimeError as e:
