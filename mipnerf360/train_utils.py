@@ -17,6 +17,7 @@ torch parameter name ('nerf_mlp', 'prop_mlp.trunk.0') or of a reference path ('N
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -392,6 +393,9 @@ def create_train_state(config: Any, model: nn.Module) -> TrainState:
     if config.nan_policy not in NAN_POLICIES:
         raise configs.ConfigError(f'Config.nan_policy = {config.nan_policy!r} is not one of {NAN_POLICIES}; '
                                   "use 'stop' (the default) or 'skip_step'.")
+    if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
+        raise configs.ConfigError(f'Config.grad_accum_steps = {config.grad_accum_steps!r} must be an integer >= 1 '
+                                  '(1: no accumulation).')
     if config.nan_max_skips_in_a_row < 1:
         raise configs.ConfigError(f'Config.nan_max_skips_in_a_row = {config.nan_max_skips_in_a_row} must be '
                                   '>= 1; set it to e.g. 100.')
@@ -430,8 +434,10 @@ def train_frac_of(step: int, config: Any) -> float:
 
 
 def _compute_losses(state: TrainState, batch: utils.Batch, rays: utils.Rays, config: Any, rng: Optional[
-        torch.Generator], train_frac: float) -> Tuple[Dict[str, torch.Tensor], Stats]:
-    """Forward pass and every loss term {name: scalar tensor}, with the data-loss statistics."""
+        torch.Generator], train_frac: float, weight_decay: bool = True) -> Tuple[Dict[str, torch.Tensor], Stats,
+                                                                                torch.Tensor]:
+    """Forward pass and every loss term {name: scalar tensor} (weight decay only if `weight_decay`), with the
+    data-loss statistics and the final level's colours."""
     base = _unwrap(state.model)
     compute_extras = config.compute_disp_metrics or config.compute_normal_metrics
     renderings, ray_history = state.model(rng, rays, train_frac=train_frac, compute_extras=compute_extras,
@@ -446,13 +452,70 @@ def _compute_losses(state: TrainState, batch: utils.Batch, rays: utils.Rays, con
         losses['orientation'] = orientation_loss(rays, base, ray_history, config)
     if config.predicted_normal_coarse_loss_mult > 0 or config.predicted_normal_loss_mult > 0:
         losses['predicted_normals'] = predicted_normal_loss(base, ray_history, config)
-    if config.weight_decay_mults:
+    if config.weight_decay_mults and weight_decay:
         losses['weight'] = sum(m * weight_l2(base, k) for k, m in config.weight_decay_mults.items())
     # Python numbers become device tensors by a fill, not a host-to-device copy (which would synchronise a GPU).
     ref = losses['data']
     losses = {k: v.to(ref.dtype) if isinstance(v, torch.Tensor) else torch.full((), v, dtype=ref.dtype,
                                                                                  device=ref.device)
               for k, v in losses.items()}
+    return losses, stats, renderings[-1]['rgb']
+
+
+def _data_weight_total(batch: utils.Batch, rays: utils.Rays, config: Any) -> torch.Tensor:
+    """The denominator of the data loss: the sum of `lossmult` over the batch's colour entries."""
+    if config.disable_multiscale_loss:
+        return torch.full((), float(batch.rgb[..., :3].numel()), dtype=batch.rgb.dtype, device=batch.rgb.device)
+    return torch.broadcast_to(rays.lossmult, batch.rgb[..., :3].shape).to(batch.rgb.dtype).sum()
+
+
+def compute_gradients(state: TrainState, batch: utils.Batch, rays: utils.Rays, config: Any,
+                      rng: Optional[torch.Generator], train_frac: float) -> Tuple[Dict[str, torch.Tensor], Stats]:
+    """Forward and backward: the loss terms of the whole batch and their gradient in the parameters' .grad.
+
+    With `config.grad_accum_steps` = k > 1 the batch is split along its first dimension (rays, or patches)
+    into k micro-batches, run one after the other; each term is weighted by its micro-batch's share (the
+    `lossmult` share for the data term, the ray share for the per-ray means; weight decay once), so the summed
+    gradient is the full batch's up to float rounding. RobustNeRF's next threshold is the inlier quantile of
+    the whole batch's errors, and its masks use the previous threshold, patch by patch, as without splitting.
+    The sampling randomness differs from the unsplit batch's (`rng` is drawn from micro-batch by micro-batch).
+    """
+    state.optimizer.zero_grad(set_to_none=True)
+    k = config.grad_accum_steps
+    if k == 1:
+        losses, stats, _ = _compute_losses(state, batch, rays, config, rng, train_frac)
+        torch.stack(list(losses.values())).sum().backward()
+        return losses, stats
+    n = utils.tree_leaves(rays)[0].shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f'Config.grad_accum_steps = {k} must be between 1 and the batch\'s first dimension ({n}); '
+                         'lower it or raise Config.batch_size.')
+    data_total = _data_weight_total(batch, rays, config)
+    rays_total = float(np.prod(rays.lossmult.shape[:-1]))
+    losses, stats, errors = {}, {}, []
+    bounds = [i * n // k for i in range(k + 1)]
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        micro, micro_rays = batch[lo:hi], rays[lo:hi]
+        micro_losses, micro_stats, rgb = _compute_losses(state, micro, micro_rays, config, rng, train_frac,
+                                                         weight_decay=i == 0)
+        w_data = _data_weight_total(micro, micro_rays, config) / data_total
+        w_rays = float(np.prod(micro_rays.lossmult.shape[:-1])) / rays_total
+        scaled = {name: v * (w_data if name == 'data' else 1. if name == 'weight' else w_rays)
+                  for name, v in micro_losses.items()}
+        sync = contextlib.nullcontext() if i == k - 1 or not hasattr(state.model, 'no_sync') else \
+            state.model.no_sync()  # DDP: all-reduce the gradients once, after the last micro-batch.
+        with sync:
+            torch.stack(list(scaled.values())).sum().backward()
+        for name, v in scaled.items():
+            losses[name] = losses[name] + v.detach() if name in losses else v.detach()
+        for name, v in micro_stats.items():
+            if name != 'loss_threshold':
+                v = v.detach() * (w_data if name == 'mses' else w_rays)
+                stats[name] = stats[name] + v if name in stats else v
+        if config.data_loss_type == 'robustnerf':
+            errors.append(((rgb.detach() - micro.rgb[..., :3])**2).mean(dim=-1).reshape(-1))
+    if errors:
+        stats['loss_threshold'] = torch.quantile(torch.cat(errors), config.robustnerf_inlier_quantile)
     return losses, stats
 
 
@@ -506,10 +569,8 @@ def train_step(state: TrainState,
     if train_frac is None:
         train_frac = train_frac_of(state.step + 1, config)
 
-    losses, stats = _compute_losses(state, batch, rays, config, rng, train_frac)
+    losses, stats = compute_gradients(state, batch, rays, config, rng, train_frac)
     loss = torch.stack(list(losses.values())).sum()
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
 
     grad_norms, grad_maxes, weight_l2s = _grad_stats(base)
     watched = {f'{k} loss': v for k, v in losses.items()}
