@@ -4,6 +4,11 @@ A checkpoint is one file `checkpoint_<step:08d>.pt` holding a dict of tensors an
 (model and optimizer state dicts, step, config seed, ...). It is written to a temporary file in the same
 folder, flushed to disk and renamed, so a run killed at any moment leaves either the previous checkpoint or
 the new one, never a partial newest file. Loading uses `torch.load(weights_only=True)`.
+
+Every checkpoint stores the sha256 of its contents (`payload_digest`, key 'checksum'), verified at load; one
+without it (written before checksums) loads as it is. A state holding NaN or inf is never written. A training
+run holds `TrainingLock` on its checkpoint_dir; temp files are named `.tmp<pid>@<host>` so that only those of
+dead writers are cleaned up.
 """
 
 from __future__ import annotations

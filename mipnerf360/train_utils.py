@@ -1,4 +1,8 @@
-"""Losses, gradient clipping, the optimiser and learning-rate schedule, and one training step.
+"""Losses, gradient clipping, the optimiser and learning-rate schedule, the TrainState and one training step.
+
+`train_step(state, batch, ...) -> (state, stats)` updates a `TrainState` (model, Adam, schedule, step, RobustNeRF
+threshold, seed) with no host sync; its `FiniteGuard` keeps non-finite updates out of the state (on the device),
+and `Config.grad_accum_steps` splits a batch into micro-batches with the same summed gradient.
 
 Port of multinerf's `internal/train_utils.py`. The loss terms (mip-NeRF 360, arXiv:2111.12077):
   data          Charbonnier (or MSE / RawNeRF / RobustNeRF) on the rendered colour, `lossmult`-weighted mean;

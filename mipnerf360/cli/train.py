@@ -11,6 +11,13 @@ ends with the same parameters as a run straight to n (on the same device and thr
 Stopping: SIGTERM or a first Ctrl-C finishes the current step, saves a checkpoint and exits with status 0;
 a second Ctrl-C stops at once (exit 130), leaving the newest checkpoint on disk as it was. Checkpoints are
 written atomically, so a SIGKILL never leaves a partial newest checkpoint.
+
+Divergence: the first non-finite loss term or gradient norm stops the run with one `error:` line naming the
+step, the terms and the newest good checkpoint (exit 2), or, with `Config.nan_policy = 'skip_step'`, that
+update is skipped and counted (see `train_utils.FiniteGuard`). Nothing non-finite is ever saved.
+
+One trainer per checkpoint_dir: the run holds `train.lock` (see `checkpoints.TrainingLock`); a second one
+exits at once naming the first (pid, host).
 """
 
 from __future__ import annotations
