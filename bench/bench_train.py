@@ -36,7 +36,7 @@ def main(argv=None):
     from mipnerf360 import train_utils
     config, device, model, amp = benchlib.setup_model(args, train=True)
     batch_size = args.batch_size or config.batch_size
-    optimizer, lr_fn = train_utils.create_optimizer(config, model)
+    state = train_utils.create_train_state(config, model)
 
     batches = [benchlib.scene_rays(batch_size, config, device, seed=args.seed + i)
                for i in range(args.num_batches)]
@@ -47,8 +47,9 @@ def main(argv=None):
         rng.manual_seed(args.seed * 7919 + i)
         train_frac = min(i / max(config.max_steps - 1, 1), 1.)
         with amp:
-            stats = train_utils.train_step(model, optimizer, lr_fn, batches[i % len(batches)], None, train_frac,
-                                           i + 1, config, rng)
+            state.step = i
+            _, stats = train_utils.train_step(state, batches[i % len(batches)], None, config, rng,
+                                              train_frac=train_frac)
         losses.append(stats['loss'])
 
     benchlib.reset_peak_memory(device)

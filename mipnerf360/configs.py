@@ -157,6 +157,13 @@ class Config:
     seed: int = 0  # Seed of every random stream (model init, batches, sampling).
     device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None picks CUDA when available.
 
+    # Training reliability and memory (nan_policy, nan_max_skips_in_a_row, resume_fallback, grad_accum_steps):
+    nan_policy: str = 'stop'  # On a non-finite loss term or gradient norm: 'stop' (exit non-zero, naming the step
+    # and the terms; nothing non-finite is saved) or 'skip_step' (that update is not applied, and counted).
+    nan_max_skips_in_a_row: int = 100  # 'skip_step' stops after this many skipped steps in a row.
+    resume_fallback: bool = False  # Resume from the newest intact checkpoint when the newest fails its checksum.
+    grad_accum_steps: int = 1  # Split each batch into this many micro-batches (less memory, same gradient).
+
 
 def define_common_flags():
     """Defines the absl flags used by train, eval and render."""

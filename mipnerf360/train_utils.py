@@ -1,4 +1,8 @@
-"""Losses, gradient clipping, the optimiser and learning-rate schedule, and one training step.
+"""Losses, gradient clipping, the optimiser and learning-rate schedule, the TrainState and one training step.
+
+`train_step(state, batch, ...) -> (state, stats)` updates a `TrainState` (model, Adam, schedule, step, RobustNeRF
+threshold, seed) with no host sync; its `FiniteGuard` keeps non-finite updates out of the state (on the device),
+and `Config.grad_accum_steps` splits a batch into micro-batches with the same summed gradient.
 
 Port of multinerf's `internal/train_utils.py`. The loss terms (mip-NeRF 360, arXiv:2111.12077):
   data          Charbonnier (or MSE / RawNeRF / RobustNeRF) on the rendered colour, `lossmult`-weighted mean;
@@ -17,6 +21,8 @@ torch parameter name ('nerf_mlp', 'prop_mlp.trunk.0') or of a reference path ('N
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -27,6 +33,14 @@ from torch import nn
 from mipnerf360 import camera_utils, image, math, models, ref_utils, robustnerf, stepfun, utils
 
 Stats = Dict[str, Any]
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NAN_POLICIES = ('stop', 'skip_step')
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped because a loss term or gradient norm went non-finite (the message names the step, the
+    terms and what to do)."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -245,64 +259,195 @@ def create_optimizer(config: Any, model: nn.Module) -> Tuple[torch.optim.Adam, C
         lr_delay_mult=config.lr_delay_mult)
 
     def lr_fn(step: int) -> float:
-        return float(lr_fn_raw(step))
+        # Through numpy: a CPU value, but .item() would look like a device sync to `syncguard`.
+        return float(lr_fn_raw(step).numpy())
 
     params = [p for p in model.parameters() if p.requires_grad]
+    # The fused kernel keeps Adam's step count on the parameters' device: no host sync per step (the default
+    # implementation reads the count with .item()), and a skipped update can be undone on the device.
+    fused = all(p.device.type in ('cpu', 'cuda') and p.dtype in _FUSED_DTYPES for p in params)
     optimizer = torch.optim.Adam(params, lr=lr_fn(0), betas=(config.adam_beta1, config.adam_beta2),
-                                 eps=config.adam_eps)
+                                 eps=config.adam_eps, fused=fused)
     return optimizer, lr_fn
 
 
-def train_step(model: nn.Module,
-               optimizer: torch.optim.Optimizer,
-               lr_fn: Callable[[int], float],
-               batch: utils.Batch,
-               cameras: Optional[Tuple[Any, ...]],
-               train_frac: float,
-               step: int,
-               config: Any,
-               rng: Optional[torch.Generator],
-               loss_threshold: Optional[Union[float, torch.Tensor]] = None,
-               camtype: Any = None) -> Stats:
-    """One optimisation step: rays, forward, losses, backward, per-group clipping, Adam update.
+def step_generator(device: Union[str, torch.device], seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The model's sampling randomness for one step: a pure function of (seed, step, rank), so a resumed run
+    draws what the uninterrupted run drew."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + 0x5EED) % (2**63 - 1))
+    return g
 
-    Args:
-        model: a `Model` (or a DDP wrapper of one).
-        optimizer, lr_fn: from `create_optimizer`.
-        batch: a `Batch` on the model's device; `batch.rays` is `Rays`, or `Pixels` to be cast here with
-            `cameras` (as is done too for any batch when `config.cast_rays_in_train_step`).
-        cameras: (pixtocams, camtoworlds, distortion_params, pixtocam_ndc) on the model's device, or None.
-        train_frac: fraction of training done, in [0, 1].
-        step: the 1-based step number of the training loop; the learning rate used is lr_fn(step - 1), as the
-            reference's optax schedule counts updates from 0.
-        config: a `Config`.
-        rng: sampling generator on the model's device, None for deterministic sampling.
-        loss_threshold: RobustNeRF's inlier threshold; None uses the one this optimizer's previous step computed
-            (1.0 at first, as the reference's train.py).
-        camtype: camera_utils.ProjectionType for casting Pixels (perspective when None).
 
-    Returns:
-        Statistics, all tensors (or floats) left on the device: 'loss', 'losses' {term: value}, 'mses' and
-        'psnrs' [num_levels], 'psnr', 'grad_norms' / 'grad_maxes' / 'grad_norms_clipped' / 'weight_l2s'
-        {group: value}, 'lr', and the data-loss statistics. Convert with `stats_to_float` at logging time.
+@dataclasses.dataclass
+class TrainState:
+    """Everything a training run carries from one step to the next (the reference's flax TrainState).
+
+    step: the number of updates done (the next `train_step` runs step `step + 1`).
+    loss_threshold: RobustNeRF's inlier threshold, computed by the previous step (1.0 at first, as the
+        reference's train.py).
+    seed: with `step` and the process rank, it fixes each step's sampling randomness (`step_generator`).
     """
-    base = _unwrap(model)
-    rays = batch.rays
-    if isinstance(rays, utils.Pixels) or config.cast_rays_in_train_step:
-        if camtype is None:
-            camtype = camera_utils.ProjectionType.PERSPECTIVE
-        rays = camera_utils.cast_ray_batch(cameras, rays, camtype, xnp=torch)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_fn: Callable[[int], float]
+    step: int = 0
+    loss_threshold: Union[float, torch.Tensor] = 1.0
+    seed: int = 0
+    guard: Optional['FiniteGuard'] = None
 
-    if loss_threshold is None:
-        loss_threshold = getattr(optimizer, 'robustnerf_loss_threshold', 1.0)
+    def step_generator(self, device: Union[str, torch.device], rank: int = 0) -> torch.Generator:
+        """The sampling generator of the next step (`step + 1`)."""
+        return step_generator(device, self.seed, self.step + 1, rank)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The checkpoint dict: 'model', 'optimizer', 'step', 'seed' and, once RobustNeRF has computed one,
+        'robustnerf_loss_threshold' (the layout checkpoints have always had)."""
+        state = {'model': _unwrap(self.model).state_dict(), 'optimizer': self.optimizer.state_dict(),
+                 'step': self.step, 'seed': self.seed}
+        if isinstance(self.loss_threshold, torch.Tensor):
+            state['robustnerf_loss_threshold'] = self.loss_threshold.detach().cpu()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]):
+        """Restores a dict written by `state_dict` (torch's errors propagate for a mismatched model)."""
+        base = _unwrap(self.model)
+        base.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.step = int(state['step'])
+        self.seed = int(state.get('seed', self.seed))
+        if state.get('robustnerf_loss_threshold') is not None:
+            device = next(base.parameters()).device
+            self.loss_threshold = torch.as_tensor(state['robustnerf_loss_threshold'], device=device)
+
+
+@dataclasses.dataclass
+class GuardReport:
+    """The guard's device state, read on the host (`FiniteGuard.read`)."""
+    halted: bool
+    skips_in_a_row: int
+    num_skipped: int
+    streak_start: int  # The first step of the newest run of non-finite steps (-1: none yet).
+    streak_terms: List[str]  # The terms non-finite at `streak_start`.
+
+
+class FiniteGuard:
+    """Watches each step's loss terms and gradient norms, entirely on the device.
+
+    A step whose terms are all finite is applied. A non-finite one is not (parameters, Adam moments and step
+    count, and RobustNeRF's threshold stay as they were); under `Config.nan_policy = 'stop'` the guard then
+    halts, and under 'skip_step' it halts after `Config.nan_max_skips_in_a_row` skipped steps in a row. Once
+    halted, no further update is applied, so the state is that of the last finite step. The host learns of it
+    only when it calls `read` (at logging steps, before saving, at the end).
+    """
+
+    def __init__(self, device: torch.device, policy: str, max_skips_in_a_row: int):
+        def zero(dtype):
+            return torch.zeros((), dtype=dtype, device=device)
+        self.stop_at_first = policy == 'stop'
+        self.max_skips_in_a_row = max_skips_in_a_row
+        self.halted = zero(torch.bool)
+        self.skips_in_a_row = zero(torch.long)
+        self.num_skipped = zero(torch.long)
+        self.streak_start = zero(torch.long) - 1
+        self.streak_terms: Optional[torch.Tensor] = None
+        self.term_names: List[str] = []
+
+    def update(self, step: int, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Records step `step` with its scalar `terms`; returns whether to apply its update (a 0-d bool)."""
+        finite = torch.stack([torch.isfinite(v.detach()) for v in terms.values()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # One rank's non-finite loss stops all ranks at the same step.
+            finite_int = finite.to(torch.int32)
+            torch.distributed.all_reduce(finite_int, op=torch.distributed.ReduceOp.MIN)
+            finite = finite_int.bool()
+        if self.streak_terms is None or list(terms) != self.term_names:
+            self.term_names = list(terms)
+            self.streak_terms = torch.zeros_like(finite)
+        active = ~self.halted
+        ok = finite.all()
+        bad = ~ok & active
+        new_streak = bad & (self.skips_in_a_row == 0)
+        self.streak_start = torch.where(new_streak, step, self.streak_start)
+        self.streak_terms = torch.where(new_streak, ~finite, self.streak_terms)
+        self.skips_in_a_row = torch.where(bad, self.skips_in_a_row + 1,
+                                          torch.where(active, 0, self.skips_in_a_row))
+        self.num_skipped = self.num_skipped + bad
+        halt = self.skips_in_a_row >= self.max_skips_in_a_row
+        if self.stop_at_first:
+            halt = halt | bad
+        self.halted = self.halted | halt
+        return ok & active
+
+    def read(self) -> GuardReport:
+        """One device-to-host copy of the guard's state."""
+        flags = self.streak_terms if self.streak_terms is not None else torch.zeros(0, dtype=torch.bool,
+                                                                                      device=self.halted.device)
+        values = torch.cat([torch.stack([self.halted.long(), self.skips_in_a_row, self.num_skipped,
+                                         self.streak_start]), flags.long()]).cpu().tolist()
+        terms = [name for name, bad in zip(self.term_names, values[4:]) if bad]
+        return GuardReport(halted=bool(values[0]), skips_in_a_row=values[1], num_skipped=values[2],
+                           streak_start=values[3], streak_terms=terms)
+
+
+def create_train_state(config: Any, model: nn.Module) -> TrainState:
+    """A TrainState at step 0: Adam and the schedule of `create_optimizer`, seeded by `config.seed`, with a
+    `FiniteGuard` following `config.nan_policy`."""
+    from mipnerf360 import configs  # pylint: disable=import-outside-toplevel
+    if config.nan_policy not in NAN_POLICIES:
+        raise configs.ConfigError(f'Config.nan_policy = {config.nan_policy!r} is not one of {NAN_POLICIES}; '
+                                  "use 'stop' (the default) or 'skip_step'.")
+    if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
+        raise configs.ConfigError(f'Config.grad_accum_steps = {config.grad_accum_steps!r} must be an integer >= 1 '
+                                  '(1: no accumulation).')
+    if config.nan_max_skips_in_a_row < 1:
+        raise configs.ConfigError(f'Config.nan_max_skips_in_a_row = {config.nan_max_skips_in_a_row} must be '
+                                  '>= 1; set it to e.g. 100.')
+    optimizer, lr_fn = create_optimizer(config, model)
+    device = next(_unwrap(model).parameters()).device
+    guard = FiniteGuard(device, config.nan_policy, config.nan_max_skips_in_a_row)
+    return TrainState(model=model, optimizer=optimizer, lr_fn=lr_fn, seed=config.seed, guard=guard)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Dict[Tuple[int, str], torch.Tensor]:
+    """Every parameter and every tensor of its optimizer state (Adam: step, exp_avg, exp_avg_sq)."""
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            out[(id(p), '')] = p
+            for k, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    out[(id(p), k)] = v
+    return out
+
+
+def _guarded_optimizer_step(optimizer: torch.optim.Optimizer, apply: torch.Tensor):
+    """optimizer.step(), undone on the device where `apply` (a 0-d bool) is False: the parameters and the
+    optimizer state (fresh state counts as zeros, as Adam's initial state) keep their values."""
+    with torch.no_grad():
+        before = {k: v.detach().clone() for k, v in _optimizer_tensors(optimizer).items()}
+        optimizer.step()
+        for k, t in _optimizer_tensors(optimizer).items():
+            old = before.get(k)
+            t.copy_(torch.where(apply, t, old if old is not None else torch.zeros_like(t)))
+
+
+def train_frac_of(step: int, config: Any) -> float:
+    """The training fraction that drives annealing at 1-based step `step`: (step - 1) / (max_steps - 1)."""
+    return float(np.clip((step - 1) / max(config.max_steps - 1, 1), 0, 1))
+
+
+def _compute_losses(state: TrainState, batch: utils.Batch, rays: utils.Rays, config: Any, rng: Optional[
+        torch.Generator], train_frac: float, weight_decay: bool = True) -> Tuple[Dict[str, torch.Tensor], Stats,
+                                                                                torch.Tensor]:
+    """Forward pass and every loss term {name: scalar tensor} (weight decay only if `weight_decay`), with the
+    data-loss statistics and the final level's colours."""
+    base = _unwrap(state.model)
     compute_extras = config.compute_disp_metrics or config.compute_normal_metrics
-    renderings, ray_history = model(rng, rays, train_frac=train_frac, compute_extras=compute_extras,
-                                    zero_glo=False)
-
+    renderings, ray_history = state.model(rng, rays, train_frac=train_frac, compute_extras=compute_extras,
+                                          zero_glo=False)
     losses = {}
-    data_loss, stats = compute_data_loss(batch, renderings, rays, loss_threshold, config)
-    losses['data'] = data_loss
+    losses['data'], stats = compute_data_loss(batch, renderings, rays, state.loss_threshold, config)
     if config.interlevel_loss_mult > 0:
         losses['interlevel'] = interlevel_loss(ray_history, config)
     if config.distortion_loss_mult > 0:
@@ -311,39 +456,148 @@ def train_step(model: nn.Module,
         losses['orientation'] = orientation_loss(rays, base, ray_history, config)
     if config.predicted_normal_coarse_loss_mult > 0 or config.predicted_normal_loss_mult > 0:
         losses['predicted_normals'] = predicted_normal_loss(base, ray_history, config)
-    if config.weight_decay_mults:
+    if config.weight_decay_mults and weight_decay:
         losses['weight'] = sum(m * weight_l2(base, k) for k, m in config.weight_decay_mults.items())
-
     # Python numbers become device tensors by a fill, not a host-to-device copy (which would synchronise a GPU).
-    loss = torch.stack([v.to(data_loss.dtype) if isinstance(v, torch.Tensor)
-                        else torch.full((), v, dtype=data_loss.dtype, device=data_loss.device)
-                        for v in losses.values()]).sum()
+    ref = losses['data']
+    losses = {k: v.to(ref.dtype) if isinstance(v, torch.Tensor) else torch.full((), v, dtype=ref.dtype,
+                                                                                 device=ref.device)
+              for k, v in losses.items()}
+    return losses, stats, renderings[-1]['rgb']
 
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
 
-    groups = param_groups(base)
+def _data_weight_total(batch: utils.Batch, rays: utils.Rays, config: Any) -> torch.Tensor:
+    """The denominator of the data loss: the sum of `lossmult` over the batch's colour entries."""
+    if config.disable_multiscale_loss:
+        return torch.full((), float(batch.rgb[..., :3].numel()), dtype=batch.rgb.dtype, device=batch.rgb.device)
+    return torch.broadcast_to(rays.lossmult, batch.rgb[..., :3].shape).to(batch.rgb.dtype).sum()
+
+
+def compute_gradients(state: TrainState, batch: utils.Batch, rays: utils.Rays, config: Any,
+                      rng: Optional[torch.Generator], train_frac: float) -> Tuple[Dict[str, torch.Tensor], Stats]:
+    """Forward and backward: the loss terms of the whole batch and their gradient in the parameters' .grad.
+
+    With `config.grad_accum_steps` = k > 1 the batch is split along its first dimension (rays, or patches)
+    into k micro-batches, run one after the other; each term is weighted by its micro-batch's share (the
+    `lossmult` share for the data term, the ray share for the per-ray means; weight decay once), so the summed
+    gradient is the full batch's up to float rounding. RobustNeRF's next threshold is the inlier quantile of
+    the whole batch's errors, and its masks use the previous threshold, patch by patch, as without splitting.
+    The sampling randomness differs from the unsplit batch's (`rng` is drawn from micro-batch by micro-batch).
+    """
+    state.optimizer.zero_grad(set_to_none=True)
+    k = config.grad_accum_steps
+    if k == 1:
+        losses, stats, _ = _compute_losses(state, batch, rays, config, rng, train_frac)
+        torch.stack(list(losses.values())).sum().backward()
+        return losses, stats
+    n = utils.tree_leaves(rays)[0].shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f'Config.grad_accum_steps = {k} must be between 1 and the batch\'s first dimension ({n}); '
+                         'lower it or raise Config.batch_size.')
+    data_total = _data_weight_total(batch, rays, config)
+    rays_total = float(np.prod(rays.lossmult.shape[:-1]))
+    losses, stats, errors = {}, {}, []
+    bounds = [i * n // k for i in range(k + 1)]
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        micro, micro_rays = batch[lo:hi], rays[lo:hi]
+        micro_losses, micro_stats, rgb = _compute_losses(state, micro, micro_rays, config, rng, train_frac,
+                                                         weight_decay=i == 0)
+        w_data = _data_weight_total(micro, micro_rays, config) / data_total
+        w_rays = float(np.prod(micro_rays.lossmult.shape[:-1])) / rays_total
+        scaled = {name: v * (w_data if name == 'data' else 1. if name == 'weight' else w_rays)
+                  for name, v in micro_losses.items()}
+        sync = contextlib.nullcontext() if i == k - 1 or not hasattr(state.model, 'no_sync') else \
+            state.model.no_sync()  # DDP: all-reduce the gradients once, after the last micro-batch.
+        with sync:
+            torch.stack(list(scaled.values())).sum().backward()
+        for name, v in scaled.items():
+            losses[name] = losses[name] + v.detach() if name in losses else v.detach()
+        for name, v in micro_stats.items():
+            if name != 'loss_threshold':
+                v = v.detach() * (w_data if name == 'mses' else w_rays)
+                stats[name] = stats[name] + v if name in stats else v
+        if config.data_loss_type == 'robustnerf':
+            errors.append(((rgb.detach() - micro.rgb[..., :3])**2).mean(dim=-1).reshape(-1))
+    if errors:
+        stats['loss_threshold'] = torch.quantile(torch.cat(errors), config.robustnerf_inlier_quantile)
+    return losses, stats
+
+
+def _grad_stats(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], ...]:
+    """Per parameter group: gradient L2 norm, gradient max |g|, and sum of squared weights."""
     grad_norms, grad_maxes, weight_l2s = {}, {}, {}
     with torch.no_grad():
-        for group, named in groups.items():
+        for group, named in param_groups(model).items():
             grads = [p.grad for _, p in named if p.grad is not None]
             if grads:
                 grad_norms[group] = _norm(grads)
                 grad_maxes[group] = _abs_max(grads)
             weight_l2s[group] = torch.stack([torch.sum(p.detach()**2) for _, p in named]).sum()
+    return grad_norms, grad_maxes, weight_l2s
+
+
+def train_step(state: TrainState,
+               batch: utils.Batch,
+               cameras: Optional[Tuple[Any, ...]],
+               config: Any,
+               rng: Optional[torch.Generator] = None,
+               camtype: Any = None,
+               train_frac: Optional[float] = None) -> Tuple[TrainState, Stats]:
+    """One optimisation step (number `state.step + 1`): rays, forward, losses, backward, per-group clipping,
+    Adam update. The state is updated in place and returned, as the reference's `train_step` returns its new
+    state.
+
+    Args:
+        state: from `create_train_state` (its model may be a DDP wrapper).
+        batch: a `Batch` on the model's device; `batch.rays` is `Rays`, or `Pixels` to be cast here with
+            `cameras` (as is done too for any batch when `config.cast_rays_in_train_step`).
+        cameras: (pixtocams, camtoworlds, distortion_params, pixtocam_ndc) on the model's device, or None.
+        config: a `Config`.
+        rng: sampling generator on the model's device (e.g. `state.step_generator(device, rank)`), None for
+            deterministic sampling.
+        camtype: camera_utils.ProjectionType for casting Pixels (perspective when None).
+        train_frac: fraction of training done, in [0, 1]; `train_frac_of(state.step + 1, config)` when None.
+
+    Returns:
+        (state, stats): stats are all tensors (or floats) left on the device: 'loss', 'losses' {term: value},
+        'mses' and 'psnrs' [num_levels], 'psnr', 'grad_norms' / 'grad_maxes' / 'grad_norms_clipped' /
+        'weight_l2s' {group: value}, 'lr', and the data-loss statistics. Convert with `stats_to_float` at
+        logging time. The learning rate is lr_fn(state.step) (the reference's optax schedule counts from 0).
+    """
+    base = _unwrap(state.model)
+    rays = batch.rays
+    if isinstance(rays, utils.Pixels) or config.cast_rays_in_train_step:
+        if camtype is None:
+            camtype = camera_utils.ProjectionType.PERSPECTIVE
+        rays = camera_utils.cast_ray_batch(cameras, rays, camtype, xnp=torch)
+    if train_frac is None:
+        train_frac = train_frac_of(state.step + 1, config)
+
+    losses, stats = compute_gradients(state, batch, rays, config, rng, train_frac)
+    loss = torch.stack(list(losses.values())).sum()
+
+    grad_norms, grad_maxes, weight_l2s = _grad_stats(base)
+    watched = {f'{k} loss': v for k, v in losses.items()}
+    watched.update({f'gradient norm of {k}': v for k, v in grad_norms.items()})
     grad_norms_clipped = clip_gradients(base, config)
 
-    lr = lr_fn(step - 1)
-    for param_group in optimizer.param_groups:
+    lr = state.lr_fn(state.step)
+    for param_group in state.optimizer.param_groups:
         param_group['lr'] = lr
-    optimizer.step()
-
+    if state.guard is None:
+        state.optimizer.step()
+        apply = None
+    else:
+        apply = state.guard.update(state.step + 1, watched)
+        _guarded_optimizer_step(state.optimizer, apply)
+    state.step += 1
     if 'loss_threshold' in stats:
-        optimizer.robustnerf_loss_threshold = stats['loss_threshold'].detach()
+        new = stats['loss_threshold'].detach()
+        state.loss_threshold = new if apply is None else torch.where(apply, new, state.loss_threshold)
 
     stats = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
     stats['loss'] = loss.detach()
-    stats['losses'] = {k: torch.as_tensor(v).detach() for k, v in losses.items()}
+    stats['losses'] = {k: v.detach() for k, v in losses.items()}
     stats['psnrs'] = image.mse_to_psnr(stats['mses'])
     stats['psnr'] = stats['psnrs'][-1]
     stats['grad_norms'] = grad_norms
@@ -351,7 +605,7 @@ def train_step(model: nn.Module,
     stats['grad_norms_clipped'] = grad_norms_clipped
     stats['weight_l2s'] = weight_l2s
     stats['lr'] = lr
-    return stats
+    return state, stats
 
 
 def _flatten_stats(stats: Mapping[str, Any], prefix: str = '') -> List[Tuple[str, Any]]:

@@ -282,9 +282,9 @@ def test_train_passes_dataset_camtype(workdir, monkeypatch):
     seen = []
     real_step = train_utils.train_step
 
-    def spy(model, optimizer, lr_fn, batch, cameras, *args, **kwargs):
+    def spy(state, batch, cameras, *args, **kwargs):
         seen.append((kwargs.get('camtype'), type(batch.rays).__name__, cameras))
-        return real_step(model, optimizer, lr_fn, batch, cameras, *args, **kwargs)
+        return real_step(state, batch, cameras, *args, **kwargs)
 
     monkeypatch.setattr(train_utils, 'train_step', spy)
     code = _in_process(train, _flags(str(workdir / 'tiny.gin'), str(scene), workdir / 'fisheye_ckpt',

@@ -26,10 +26,11 @@ if 'LOCAL_RANK' in os.environ:
     _real = train_utils.train_step
     _seen = {'rgb': [], 'model': None}
 
-    def _spy(model, optimizer, lr_fn, batch, *args, **kwargs):
+    def _spy(state, batch, *args, **kwargs):
+        model = state.model
         _seen['model'] = model.module if hasattr(model, 'module') else model
         _seen['rgb'].append(batch.rgb.detach().reshape(-1, 3).clone())
-        return _real(model, optimizer, lr_fn, batch, *args, **kwargs)
+        return _real(state, batch, *args, **kwargs)
 
     train_utils.train_step = _spy
 

@@ -120,7 +120,7 @@ def train_tiny(scene: str, steps: int = TRAIN_STEPS):
         model = models.construct_model(config=config, seed=0)
     finally:
         gin.clear_config()  # The model and Config hold their values; leave no bindings to other test modules.
-    optimizer, lr_fn = train_utils.create_optimizer(config, model)
+    state = train_utils.create_train_state(config, model)
     t0 = time.time()
     train_psnrs = []
     try:
@@ -128,8 +128,8 @@ def train_tiny(scene: str, steps: int = TRAIN_STEPS):
             batch = next(train_ds)
             rng = torch.Generator().manual_seed(step)
             train_frac = (step - 1) / (steps - 1)
-            stats = train_utils.train_step(model, optimizer, lr_fn, batch, train_ds.cameras, train_frac, step,
-                                           config, rng, camtype=train_ds.camtype)
+            _, stats = train_utils.train_step(state, batch, train_ds.cameras, config, rng, camtype=train_ds.camtype,
+                                              train_frac=train_frac)
             if step % 50 == 0:
                 train_psnrs.append(stats['psnr'])
     finally:

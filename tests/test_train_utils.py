@@ -346,10 +346,11 @@ def test_train_step_reduces_loss_on_fixed_batch():
     rays, rgb = _ring_scene([0.3, 2.0], res=8)
     batch = utils.Batch(rays=rays, rgb=rgb)
     config = _config(lr_init=2e-3, lr_final=2e-3, max_steps=40, lr_delay_steps=0)
-    optimizer, lr_fn = train_utils.create_optimizer(config, model)
+    state = train_utils.create_train_state(config, model)
     losses = []
     for step in range(1, 41):
-        stats = train_utils.train_step(model, optimizer, lr_fn, batch, None, step / 40, step, config, None)
+        state, stats = train_utils.train_step(state, batch, None, config, None, train_frac=step / 40)
+        assert state.step == step
         losses.append(train_utils.stats_to_float(stats))
     assert losses[-1]['loss'] < 0.5 * losses[0]['loss']
     assert set(losses[0]) >= {'loss', 'psnr', 'losses/data', 'losses/interlevel', 'losses/distortion', 'lr',
@@ -379,13 +380,12 @@ def test_train_step_casts_pixels_like_precast_rays():
     results = []
     for b in [utils.Batch(rays=pixels, rgb=rgb), utils.Batch(rays=rays, rgb=rgb)]:
         model = _tiny_model()
-        optimizer, lr_fn = train_utils.create_optimizer(config, model)
-        stats = train_utils.train_step(model, optimizer, lr_fn, b, cameras, 0.5, 1, config, None)
+        state = train_utils.create_train_state(config, model)
+        _, stats = train_utils.train_step(state, b, cameras, config, None, train_frac=0.5)
         results.append(train_utils.stats_to_float(stats))
     assert results[0]['loss'] == pytest.approx(results[1]['loss'], rel=1e-6)
     with pytest.raises(ValueError, match='batch dimensions'):
-        train_utils.train_step(model, optimizer, lr_fn, utils.Batch(rays=rays, rgb=rgb[:5]), None, 0.5, 1, config,
-                               None)
+        train_utils.train_step(state, utils.Batch(rays=rays, rgb=rgb[:5]), None, config, None, train_frac=0.5)
 
 
 def test_tiny_model_learns_analytic_sphere():
@@ -395,7 +395,7 @@ def test_tiny_model_learns_analytic_sphere():
     steps = 400
     config = _config(lr_init=1e-3, lr_final=1e-4, max_steps=steps, lr_delay_steps=50, lr_delay_mult=0.1,
                      batch_size=256)
-    optimizer, lr_fn = train_utils.create_optimizer(config, model)
+    state = train_utils.create_train_state(config, model)
 
     def test_psnr():
         with torch.no_grad():
@@ -407,6 +407,6 @@ def test_tiny_model_learns_analytic_sphere():
     for step in range(1, steps + 1):
         idx = torch.randint(0, train_rgb.shape[0], (config.batch_size,), generator=g)
         batch = utils.Batch(rays=train_rays[idx], rgb=train_rgb[idx])
-        train_utils.train_step(model, optimizer, lr_fn, batch, None, step / steps, step, config, g)
+        train_utils.train_step(state, batch, None, config, g, train_frac=step / steps)
     psnr1 = test_psnr()
     assert psnr1 > 19.5 and psnr1 > psnr0 + 5, (psnr0, psnr1)

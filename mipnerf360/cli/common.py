@@ -328,34 +328,43 @@ def require_checkpoint(config: configs.Config) -> str:
 
 
 def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.device,
-                  required: bool = True, optimizer: Optional[torch.optim.Optimizer] = None,
-                  path: Optional[str] = None) -> int:
-    """Loads the newest checkpoint (or `path`) into `model` (and `optimizer`, with RobustNeRF's running loss
-    threshold); returns its step (0 when there is none and it is not `required`)."""
-    if path is None:
-        path = require_checkpoint(config) if required else checkpoints.latest_checkpoint(config.checkpoint_dir)
-    if path is None:
-        return 0
-    state = checkpoints.load_checkpoint(path, map_location=device)
+                  required: bool = True, path: Optional[str] = None,
+                  train_state=None) -> int:
+    """Loads the newest checkpoint (or `path`) into `model`, and into the whole `train_state` when given (a
+    `train_utils.TrainState`: model, Adam state, step, seed, RobustNeRF's loss threshold); returns its step
+    (0 when there is none and it is not `required`)."""
+    keys_finite = ('model', 'optimizer') if train_state is not None else ('model',)
+    if path is None and config.resume_fallback and checkpoints.list_checkpoints(config.checkpoint_dir):
+        path, state, passed_over = checkpoints.load_newest_intact(config.checkpoint_dir, device, keys_finite)
+        for msg in passed_over:
+            print(f'{msg} (Config.resume_fallback = True)', flush=True)
+        if path is None:
+            raise checkpoints.CheckpointError(
+                f'No checkpoint in Config.checkpoint_dir = {config.checkpoint_dir!r} is intact ({passed_over[0]}); '
+                'move them away to train from scratch.')
+    else:
+        if path is None:
+            path = require_checkpoint(config) if required else checkpoints.latest_checkpoint(config.checkpoint_dir)
+        if path is None:
+            return 0
+        state = checkpoints.load_checkpoint(path, map_location=device)
+        checkpoints.require_finite(state, path, keys_finite)
     try:
         model.load_state_dict(state['model'])
     except RuntimeError as e:
         raise checkpoints.CheckpointError(
             f'Checkpoint {path} does not match this model ({str(e).splitlines()[0]}); use the gin configs it was '
             'trained with (see config.gin next to it).') from None
-    if optimizer is not None:
+    if train_state is not None:
         if 'optimizer' not in state:
             raise checkpoints.CheckpointError(f'Checkpoint {path} has no optimizer state, so training cannot '
                                               'resume from it; train into a new Config.checkpoint_dir.')
         try:
-            optimizer.load_state_dict(state['optimizer'])
+            train_state.load_state_dict(state)
         except (ValueError, KeyError) as e:
             raise checkpoints.CheckpointError(
                 f'Checkpoint {path} holds optimizer state for another model ({one_line(e)}); use the gin configs '
                 'it was trained with (see config.gin next to it).') from None
-        if state.get('robustnerf_loss_threshold') is not None:
-            optimizer.robustnerf_loss_threshold = torch.as_tensor(state['robustnerf_loss_threshold'],
-                                                                  device=device)
     return int(state['step'])
 
 

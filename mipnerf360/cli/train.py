@@ -11,16 +11,24 @@ ends with the same parameters as a run straight to n (on the same device and thr
 Stopping: SIGTERM or a first Ctrl-C finishes the current step, saves a checkpoint and exits with status 0;
 a second Ctrl-C stops at once (exit 130), leaving the newest checkpoint on disk as it was. Checkpoints are
 written atomically, so a SIGKILL never leaves a partial newest checkpoint.
+
+Divergence: the first non-finite loss term or gradient norm stops the run with one `error:` line naming the
+step, the terms and the newest good checkpoint (exit 2), or, with `Config.nan_policy = 'skip_step'`, that
+update is skipped and counted (see `train_utils.FiniteGuard`). Nothing non-finite is ever saved.
+
+One trainer per checkpoint_dir: the run holds `train.lock` (see `checkpoints.TrainingLock`); a second one
+exits at once naming the first (pid, host).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
 import sys
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import numpy as np
 import tqdm
@@ -31,13 +39,6 @@ from mipnerf360.cli import common
 
 # Under DDP the ranks agree on stopping (SIGTERM) every this many steps (a collective and a host sync).
 _STOP_CHECK_EVERY_DDP = 10
-
-
-def _step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
-    """The model's sampling randomness for one step: a pure function of (seed, step, rank) (exact resumes)."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + 0x5EED) % (2**63 - 1))
-    return g
 
 
 class _Stopper:
@@ -66,18 +67,6 @@ class _Stopper:
         self.requested = signal.Signals(signum).name
 
 
-def _cameras_on_device(cameras: Tuple[Any, ...], device: torch.device) -> Tuple[Any, ...]:
-    """The dataset's (pixtocams, camtoworlds, distortion_params, pixtocam_ndc) as float32 tensors on `device`
-    (once, rather than a host-to-device copy in every train step)."""
-    def conv(x):
-        if x is None or isinstance(x, (int, float)):
-            return x
-        if isinstance(x, dict):
-            return {k: conv(v) for k, v in x.items()}
-        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
-    return tuple(conv(x) for x in cameras)
-
-
 def _any_rank(flag: bool, device: torch.device) -> bool:
     import torch.distributed as dist
     t = torch.tensor([1. if flag else 0.], device=device)
@@ -85,31 +74,116 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def main(unused_argv):
-    rank, world_size, local_rank = common.distributed_env()
-    config = common.load_config(for_training=True)
+@dataclasses.dataclass
+class _Run:
+    """What the training loop works with, built by `_setup`."""
+    config: configs.Config
+    device: torch.device
+    rank: int
+    world_size: int
+    dataset: Any
+    test_dataset: Any
+    state: train_utils.TrainState
+    base_model: models.Model
+    cameras: Any
+    init_step: int
+    num_steps: int
+    num_params: int
+    last_saved: int
+    num_skipped: int = 0  # Non-finite steps skipped so far (as last read from the guard).
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class _Logger:
+    """Plain log lines (stdout and train_log.txt), tensorboard scalars, and a live progress bar (loss, PSNR,
+    rays/s, ETA) when stderr is a terminal. Only rank 0 writes."""
+
+    def __init__(self, run: _Run):
+        self.enabled = run.is_main
+        self.writer = self.log_file = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(run.config.checkpoint_dir)
+            self.log_file = open(os.path.join(run.config.checkpoint_dir, 'train_log.txt'), 'a')
+        self.bar = tqdm.tqdm(total=max(run.num_steps - run.init_step + 1, 0), initial=0, unit='step',
+                             dynamic_ncols=True, disable=not (self.enabled and sys.stderr.isatty()), leave=False)
+        self.stats_buffer = []
+        self.window_start, self.window_steps = time.time(), 0
+        self.precision = int(np.ceil(np.log10(max(run.config.max_steps, 2)))) + 1
+
+    def __call__(self, msg: str):
+        if self.enabled:
+            if self.bar.disable:
+                print(msg, flush=True)
+            else:
+                self.bar.write(msg, file=sys.stdout)
+            self.to_file(msg)
+
+    def to_file(self, msg: str):
+        if self.enabled:
+            self.log_file.write(msg + '\n')
+            self.log_file.flush()
+
+    def record(self, stats):
+        """Counts a step, and keeps its statistics (on the device) for the next `log_stats`."""
+        self.window_steps += 1
+        self.bar.update(1)
+        if self.enabled:
+            self.stats_buffer.append(stats)
+
+    def restart_clock(self):
+        self.window_start = time.time()
+
+    def log_stats(self, run: _Run, step: int):
+        """The averages of the buffered steps as scalars and one log line (host syncs happen here only)."""
+        config = run.config
+        floats = [train_utils.stats_to_float(s) for s in self.stats_buffer]
+        avg = {k: float(np.mean([f[k] for f in floats])) for k in floats[0]}
+        steps_per_sec = self.window_steps / max(time.time() - self.window_start, 1e-9)
+        rays_per_sec = config.batch_size * steps_per_sec
+        lr = float(run.state.lr_fn(step - 1))
+        scalars = {f'train_avg_{k}': v for k, v in avg.items()}
+        scalars.update(train_learning_rate=lr, train_steps_per_sec=steps_per_sec, train_rays_per_sec=rays_per_sec,
+                       train_num_params=run.num_params)
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        losses = ', '.join(f'{k[7:11]}={v:0.5f}' if 1e-4 <= v < 10 else f'{k[7:11]}={v:0.1e}'
+                           for k, v in avg.items() if k.startswith('losses/'))
+        remaining = (run.num_steps - step) / max(steps_per_sec, 1e-9)
+        self(f'{step:{self.precision}d}/{config.max_steps:d}: loss={avg["loss"]:0.5f}, psnr={avg["psnr"]:6.3f}, '
+             f'lr={lr:0.2e} | {losses}, {rays_per_sec:0.0f} r/s, ETA {remaining / 60:0.1f} min')
+        self.bar.set_postfix_str(f'loss={avg["loss"]:0.4f} psnr={avg["psnr"]:0.2f} {rays_per_sec:0.0f} r/s',
+                                 refresh=False)
+        self.stats_buffer = []
+        self.window_start, self.window_steps = time.time(), 0
+
+    def close(self):
+        self.bar.close()
+        if self.enabled:
+            self.writer.close()
+            self.log_file.close()
+
+
+def _setup(config: configs.Config, rank: int, world_size: int, local_rank: int) -> _Run:
+    """Datasets, model, train state (restored from the newest checkpoint), DDP. Everything is built and
+    restored before anything is written, so a bad checkpoint or dataset loses nothing."""
     device = common.get_device(config, local_rank)
     if world_size > 1 and config.batch_size % world_size:
         raise configs.ConfigError(f'Config.batch_size = {config.batch_size} must be divisible by the number of '
                                   f'processes ({world_size}).')
-
-    # Build and restore everything before writing anything, so a bad checkpoint or dataset loses nothing.
     dataset = common.load_dataset('train', config, device, rank, world_size)
     test_dataset = (common.load_dataset('test', config, device)
                     if rank == 0 and config.train_render_every > 0 else None)
-    torch.manual_seed(config.seed)  # Identical initial weights on every rank.
-    model = models.Model(config=config).to(device)
-    base_model = model
-    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if base_model.num_glo_features > 0 and dataset.size > base_model.num_glo_embeddings:
-        raise configs.ConfigError(f'Model.num_glo_embeddings = {base_model.num_glo_embeddings} is smaller than '
+    model = common.build_model(config, device)  # Seeded: identical initial weights on every rank.
+    if model.num_glo_features > 0 and dataset.size > model.num_glo_embeddings:
+        raise configs.ConfigError(f'Model.num_glo_embeddings = {model.num_glo_embeddings} is smaller than '
                                   f'the number of training images ({dataset.size}); raise it with --gin_bindings.')
-    optimizer, lr_fn = train_utils.create_optimizer(config, model)
-    last_step = common.restore_model(model, config, device, required=False, optimizer=optimizer)
-    init_step = last_step + 1
-    num_steps = config.early_exit_steps if config.early_exit_steps is not None else config.max_steps
-    is_main = rank == 0
-    if is_main:
+    state = train_utils.create_train_state(config, model)
+    last_step = common.restore_model(model, config, device, required=False, train_state=state)
+    if rank == 0:
         configs.save_config_str(config.checkpoint_dir)  # After the model is built: holds its bindings too.
 
     if device.type == 'cuda':
@@ -118,124 +192,131 @@ def main(unused_argv):
         import torch.distributed as dist
         dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
         # Broadcasts rank 0's parameters, so every rank starts from the same (restored) weights.
-        model = torch.nn.parallel.DistributedDataParallel(
+        state.model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return _Run(config=config, device=device, rank=rank, world_size=world_size, dataset=dataset,
+                test_dataset=test_dataset, state=state, base_model=model, cameras=dataset.cameras, init_step=last_step + 1,
+                num_steps=config.early_exit_steps if config.early_exit_steps is not None else config.max_steps,
+                num_params=sum(p.numel() for p in model.parameters() if p.requires_grad), last_saved=last_step)
 
-    writer = log_file = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(config.checkpoint_dir)
-        log_file = open(os.path.join(config.checkpoint_dir, 'train_log.txt'), 'a')
-    metric_harness = image.MetricHarness() if test_dataset is not None else None
 
-    # A live progress bar (loss, PSNR, rays/s, ETA) when stderr is a terminal; plain log lines always.
-    bar = tqdm.tqdm(total=max(num_steps - init_step + 1, 0), initial=0, unit='step', dynamic_ncols=True,
-                    disable=not (is_main and sys.stderr.isatty()), leave=False)
+def _check_finite(run: _Run, log: _Logger, step: int):
+    """Reads the finite-state guard (a host sync): logs skipped steps, and raises NonFiniteError once it has
+    halted (the parameters then are those of the last finite step, and nothing was saved after it)."""
+    report = run.state.guard.read()
+    if run.config.nan_policy == 'skip_step' and report.num_skipped > run.num_skipped:
+        log(f'Skipped {report.num_skipped - run.num_skipped} non-finite update(s) by step {step} '
+            f'({report.num_skipped} in all; the newest run of them began at step {report.streak_start}: '
+            f'{", ".join(report.streak_terms)}); Config.nan_policy = skip_step.')
+        if log.writer is not None:
+            log.writer.add_scalar('train_skipped_steps', report.num_skipped, step)
+        run.num_skipped = report.num_skipped
+    if not report.halted:
+        return
+    newest = checkpoints.latest_checkpoint(run.config.checkpoint_dir)
+    if run.config.nan_policy == 'stop':
+        what = f'step {report.streak_start} went non-finite ({", ".join(report.streak_terms)})'
+    else:
+        what = (f'{report.skips_in_a_row} non-finite steps in a row from step {report.streak_start} '
+                f'({", ".join(report.streak_terms)}; Config.nan_max_skips_in_a_row = '
+                f'{run.config.nan_max_skips_in_a_row})')
+    raise train_utils.NonFiniteError(
+        f'Training stopped: {what}; the newest good checkpoint is '
+        f'{newest if newest else "none (none was saved yet)"}; lower Config.lr_init or check the data, then '
+        'resume with the same command.')
 
-    def log(msg: str):
-        if is_main:
-            if bar.disable:
-                print(msg, flush=True)
-            else:
-                bar.write(msg, file=sys.stdout)
-            log_file.write(msg + '\n')
-            log_file.flush()
 
-    log(f'Training on {device} ({world_size} process(es), {config.batch_size // world_size} rays each); '
-        f'{num_params} parameters; {dataset.size} training images; steps {init_step}..{num_steps}.')
+def _save(run: _Run, log: _Logger, step: int):
+    _check_finite(run, log, step)  # Never save a state past a non-finite step.
+    if run.is_main:
+        path = checkpoints.save_checkpoint(run.config.checkpoint_dir, run.state.state_dict(), step,
+                                           keep=run.config.checkpoints_to_keep)
+        log(f'Saved checkpoint {path}')
+    run.last_saved = step
 
-    def save(step: int):
-        if is_main:
-            state = {'model': base_model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
-                     'seed': config.seed}
-            threshold = getattr(optimizer, 'robustnerf_loss_threshold', None)
-            if threshold is not None:
-                state['robustnerf_loss_threshold'] = torch.as_tensor(threshold).detach().cpu()
-            path = checkpoints.save_checkpoint(config.checkpoint_dir, state, step, keep=config.checkpoints_to_keep)
-            log(f'Saved checkpoint {path}')
 
-    cameras = dataset.cameras
-    if config.cast_rays_in_train_step:
-        cameras = _cameras_on_device(cameras, device)
-    precision = int(np.ceil(np.log10(max(config.max_steps, 2)))) + 1
-    stats_buffer = []
-    window_start, window_steps = time.time(), 0
-    last_saved = last_step
-    step = init_step - 1
+def _stop_requested(run: _Run, stopper: _Stopper, step: int) -> bool:
+    """Whether to stop after `step` (under DDP the ranks agree every `_STOP_CHECK_EVERY_DDP` steps)."""
+    stop = stopper.requested is not None
+    if run.world_size > 1:
+        stop = step % _STOP_CHECK_EVERY_DDP == 0 and _any_rank(stop, run.device)
+    return stop and step < run.num_steps
+
+
+def _train_loop(run: _Run, log: _Logger, stopper: _Stopper) -> int:
+    """Steps init_step..num_steps (or until a stop is requested); returns the last step done."""
+    config = run.config
+    step = run.init_step - 1
+    run.dataset.set_start_step(run.init_step)  # The prefetch thread serves init_step, init_step + 1, ...
+    metric_harness = image.MetricHarness() if run.test_dataset is not None else None
+    for step in range(run.init_step, run.num_steps + 1):
+        batch = next(run.dataset)
+        rng = run.state.step_generator(run.device, run.rank) if config.randomized else None
+        run.state, stats = train_utils.train_step(run.state, batch, run.cameras, config, rng,
+                                                  camtype=run.dataset.camtype)
+        log.record(stats)
+        if step == run.init_step or step % config.print_every == 0 or step == run.num_steps:
+            _check_finite(run, log, step)
+            if run.is_main:
+                log.log_stats(run, step)
+        if step % config.checkpoint_every == 0 or step == run.num_steps:
+            _save(run, log, step)
+        if (run.is_main and config.train_render_every > 0 and step % config.train_render_every == 0
+                and run.test_dataset is not None):
+            _render_test_view(run.base_model, run.test_dataset, config, log.writer, metric_harness,
+                              train_utils.train_frac_of(step, config), step, log)
+            log.restart_clock()  # Don't count the render in rays/s.
+        if _stop_requested(run, stopper, step):
+            log(f'Stop requested ({stopper.requested or "by another rank"}) at step {step}; '
+                'resume with the same command.')
+            if run.last_saved != step:
+                _save(run, log, step)
+            return step
+    if run.init_step > run.num_steps:
+        log(f'Nothing to do: the newest checkpoint is at step {run.init_step - 1} >= {run.num_steps}.')
+    else:
+        log(f'Finished training at step {run.num_steps}.')
+    return step
+
+
+def main(unused_argv):
+    rank, world_size, local_rank = common.distributed_env()
+    config = common.load_config(for_training=True)
+    lock = checkpoints.TrainingLock(config.checkpoint_dir) if rank == 0 else None
+    lock_message = lock.acquire() if lock is not None else None
+    try:
+        _train(config, rank, world_size, local_rank, lock_message)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, lock_message: Optional[str]):
+    """Setup, the loop and the cleanup of a run, in a checkpoint_dir this process has locked."""
+    run = _setup(config, rank, world_size, local_rank)
+    log = _Logger(run)
+    if lock_message:
+        log(lock_message)
+    log(f'Training on {run.device} ({world_size} process(es), {config.batch_size // world_size} rays each); '
+        f'{run.num_params} parameters; {run.dataset.size} training images; steps {run.init_step}..{run.num_steps}.')
     stopper = _Stopper()
     stopper.install()
-    dataset.set_start_step(init_step)  # The prefetch thread serves the batches of init_step, init_step + 1, ...
     try:
-        for step in range(init_step, num_steps + 1):
-            batch = next(dataset)
-            train_frac = float(np.clip((step - 1) / max(config.max_steps - 1, 1), 0, 1))
-            rng = _step_generator(device, config.seed, step, rank) if config.randomized else None
-            stats = train_utils.train_step(model, optimizer, lr_fn, batch, cameras, train_frac, step, config, rng,
-                                           camtype=dataset.camtype)
-            window_steps += 1
-            bar.update(1)
-            if is_main:
-                stats_buffer.append(stats)
-
-            if is_main and (step == init_step or step % config.print_every == 0 or step == num_steps):
-                floats = [train_utils.stats_to_float(s) for s in stats_buffer]
-                avg = {k: float(np.mean([f[k] for f in floats])) for k in floats[0]}
-                elapsed = time.time() - window_start
-                steps_per_sec = window_steps / max(elapsed, 1e-9)
-                rays_per_sec = config.batch_size * steps_per_sec
-                lr = float(lr_fn(step - 1))
-                for k, v in avg.items():
-                    writer.add_scalar(f'train_avg_{k}', v, step)
-                writer.add_scalar('train_learning_rate', lr, step)
-                writer.add_scalar('train_steps_per_sec', steps_per_sec, step)
-                writer.add_scalar('train_rays_per_sec', rays_per_sec, step)
-                writer.add_scalar('train_num_params', num_params, step)
-                losses = ', '.join(f'{k[7:11]}={v:0.5f}' if 1e-4 <= v < 10 else f'{k[7:11]}={v:0.1e}'
-                                   for k, v in avg.items() if k.startswith('losses/'))
-                remaining = (num_steps - step) / max(steps_per_sec, 1e-9)
-                log(f'{step:{precision}d}/{config.max_steps:d}: loss={avg["loss"]:0.5f}, psnr={avg["psnr"]:6.3f}, '
-                    f'lr={lr:0.2e} | {losses}, {rays_per_sec:0.0f} r/s, ETA {remaining / 60:0.1f} min')
-                bar.set_postfix_str(f'loss={avg["loss"]:0.4f} psnr={avg["psnr"]:0.2f} {rays_per_sec:0.0f} r/s',
-                                    refresh=False)
-                stats_buffer = []
-                window_start, window_steps = time.time(), 0
-
-            if step % config.checkpoint_every == 0 or step == num_steps:
-                save(step)
-                last_saved = step
-
-            if (is_main and config.train_render_every > 0 and step % config.train_render_every == 0
-                    and test_dataset is not None):
-                _render_test_view(base_model, test_dataset, config, writer, metric_harness, train_frac, step, log)
-                window_start = time.time()  # Don't count the render in rays/s.
-
-            stop = stopper.requested is not None
-            if world_size > 1:
-                stop = step % _STOP_CHECK_EVERY_DDP == 0 and _any_rank(stop, device)
-            if stop and step < num_steps:
-                log(f'Stop requested ({stopper.requested or "by another rank"}) at step {step}; '
-                    'resume with the same command.')
-                if last_saved != step:
-                    save(step)
-                    last_saved = step
-                break
-        else:
-            if init_step > num_steps:
-                log(f'Nothing to do: the newest checkpoint is at step {last_step} >= {num_steps}.')
-            else:
-                log(f'Finished training at step {num_steps}.')
+        _train_loop(run, log, stopper)
+        _check_finite(run, log, run.state.step)
+    except train_utils.NonFiniteError as e:
+        log.to_file(f'error: {common.one_line(e)}')
+        common.user_error_exit(e)
     except KeyboardInterrupt:
-        log(f'Interrupted during step {step}; the newest checkpoint on disk is step {last_saved}.')
+        log(f'Interrupted during step {run.state.step + 1}; the newest checkpoint on disk is step '
+            f'{run.last_saved}.')
         raise SystemExit(130) from None
     finally:
-        bar.close()
+        log.close()
         stopper.uninstall()
-        dataset.close()
-        if test_dataset is not None:
-            test_dataset.close()
-        if is_main:
-            writer.close()
-            log_file.close()
+        run.dataset.close()
+        if run.test_dataset is not None:
+            run.test_dataset.close()
         if world_size > 1:
             import torch.distributed as dist
             dist.destroy_process_group()
