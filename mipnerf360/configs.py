@@ -155,6 +155,9 @@ class Config:
     dtuhold: int = 8  # DTU: every Nth image is a test image.
     seed: int = 0  # Seed of every random stream (model init, batches, sampling).
     device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None picks CUDA when available.
+    # torch.compile of the model (models.compile_model): 'none', 'mlp' (each MLP) or 'model' (the whole
+    # generator-free rendering of a batch, one graph).
+    compile: str = 'none'
 
 
 def define_common_flags():

@@ -21,7 +21,7 @@ name to the reference's path, e.g. `nerf_mlp.trunk.0.weight` -> `NerfMLP_0/Dense
 from __future__ import annotations
 
 import math as pymath
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import gin
 import numpy as np
@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mipnerf360 import coord, geopoly, image, math, ref_utils, render, stepfun, utils
+from mipnerf360 import configs, coord, geopoly, image, math, ref_utils, render, stepfun, utils
 
 Renderings = List[Dict[str, Any]]
 RayHistory = List[Dict[str, Optional[torch.Tensor]]]
+# Per level, the random numbers of one forward pass (see `Model.draw_noise`).
+LevelNoise = List[Dict[str, torch.Tensor]]
 
 
 def _register_gin_externals() -> None:
@@ -321,13 +323,27 @@ class MLP(nn.Module):
         """Maps this MLP's layer names (e.g. 'trunk.0') to the reference's flax names ('Dense_0')."""
         return {name: f'Dense_{k}' for k, name in enumerate(self._reference_order)}
 
+    def draw_noise(self, rng: torch.Generator, sample_shape: Sequence[int], dtype: torch.dtype,
+                   device: torch.device, has_viewdirs: bool) -> Dict[str, torch.Tensor]:
+        """The standard normals this MLP adds to its raw density / bottleneck (where `density_noise` /
+        `bottleneck_noise` > 0), drawn from `rng` in that order: {'density': [*sample_shape],
+        'bottleneck': [*sample_shape, bottleneck_width]}. Passed to `forward(noise=...)` they make it a pure
+        function of its tensor inputs (no generator, so nothing to break a compiled graph)."""
+        noise = {}
+        if self.density_noise > 0:
+            noise['density'] = torch.randn(tuple(sample_shape), generator=rng, device=device, dtype=dtype)
+        if has_viewdirs and self.bottleneck_layer is not None and self.bottleneck_noise > 0:
+            noise['bottleneck'] = torch.randn(tuple(sample_shape) + (self.bottleneck_width,), generator=rng,
+                                              device=device, dtype=dtype)
+        return noise
+
     def predict_density(self, means: torch.Tensor, covs: torch.Tensor,
-                        rng: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+                        noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Raw density and trunk features.
 
         Args:
             means: [..., 3] Gaussian means; covs: [..., 3, 3] full covariances.
-            rng: draws the density noise (if `density_noise > 0`), None for none.
+            noise: [...] standard normals scaled by `density_noise` and added to the raw density, or None.
 
         Returns:
             raw_density: [...]; features: [..., feature_dim].
@@ -356,9 +372,7 @@ class MLP(nn.Module):
                 x = torch.cat([x, inputs], dim=-1)  # The features themselves include the encoding.
         raw_density = self.density_layer(x)[..., 0].reshape(sample_shape)
         x = x.reshape(sample_shape + x.shape[-1:])
-        if rng is not None and self.density_noise > 0:
-            noise = torch.randn(raw_density.shape, generator=rng, device=raw_density.device,
-                                dtype=raw_density.dtype)
+        if noise is not None and self.density_noise > 0:
             raw_density = raw_density + self.density_noise * noise
         return raw_density, x
 
@@ -370,16 +384,18 @@ class MLP(nn.Module):
         imageplane: Optional[torch.Tensor] = None,
         glo_vec: Optional[torch.Tensor] = None,
         exposure: Optional[torch.Tensor] = None,
+        noise: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> Dict[str, Optional[torch.Tensor]]:
         """Evaluates the MLP on Gaussians.
 
         Args:
-            rng: generator for the density / bottleneck noise, None for deterministic output.
+            rng: generator for the density / bottleneck noise, None for deterministic output (or `noise`).
             gaussians: (means [..., n, 3], covs [..., n, 3, 3]).
             viewdirs: [..., 3] unit view directions, or None (then the colour comes from the trunk features).
             imageplane: [..., 2] image-plane coordinates (unused, as in the reference).
             glo_vec: [..., num_glo_features] appearance codes, or None.
             exposure: [..., 1] exposure values (unused, as in the reference).
+            noise: the noise `draw_noise` draws, passed instead of `rng`.
 
         Returns:
             A dict with density [..., n], rgb [..., n, num_rgb_channels] (zeros [..., n, 3] if `disable_rgb`),
@@ -387,9 +403,19 @@ class MLP(nn.Module):
             (each None when not computed).
         """
         del imageplane, exposure
+        if rng is not None:
+            if noise is not None:
+                raise ValueError('MLP.forward: pass either rng or pre-drawn noise, not both.')
+            means = gaussians[0]
+            noise = self.draw_noise(rng, means.shape[:-1], means.dtype, means.device, viewdirs is not None)
+        return self.evaluate(gaussians, viewdirs, glo_vec, noise or {})
+
+    def evaluate(self, gaussians: Tuple[torch.Tensor, torch.Tensor], viewdirs: Optional[torch.Tensor],
+                 glo_vec: Optional[torch.Tensor], noise: Mapping[str, torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
+        """`forward` with its noise given (from `draw_noise`; {} for none): no generator, so it compiles whole."""
         means, covs = gaussians
         if self.disable_density_normals:
-            raw_density, x = self.predict_density(means, covs, rng)
+            raw_density, x = self.predict_density(means, covs, noise.get('density'))
             raw_grad_density = None
             normals = None
         else:
@@ -398,7 +424,7 @@ class MLP(nn.Module):
             outer_grad = torch.is_grad_enabled()
             with torch.enable_grad():
                 means_in = means if means.requires_grad else means.detach().requires_grad_(True)
-                raw_density, x = self.predict_density(means_in, covs, rng)
+                raw_density, x = self.predict_density(means_in, covs, noise.get('density'))
                 raw_grad_density = torch.autograd.grad(raw_density.sum(), means_in, create_graph=outer_grad)[0]
             if not outer_grad:
                 raw_density, x = raw_density.detach(), x.detach()
@@ -433,10 +459,8 @@ class MLP(nn.Module):
                 parts = []
                 if self.bottleneck_layer is not None:
                     bottleneck = self.bottleneck_layer(x)
-                    if rng is not None and self.bottleneck_noise > 0:
-                        noise = torch.randn(bottleneck.shape, generator=rng, device=bottleneck.device,
-                                            dtype=bottleneck.dtype)
-                        bottleneck = bottleneck + self.bottleneck_noise * noise
+                    if 'bottleneck' in noise:
+                        bottleneck = bottleneck + self.bottleneck_noise * noise['bottleneck']
                     parts.append(bottleneck)
                 sample_shape = x.shape[:-1]
 
@@ -507,7 +531,7 @@ class PropMLP(MLP):
     """The MLP shared by all proposal levels; gin binds `PropMLP.<arg>`."""
 
 
-def _schlick_bias(x: float, s: float) -> float:
+def _schlick_bias(x: Union[float, torch.Tensor], s: float) -> Union[float, torch.Tensor]:
     """Schlick's bias function (arXiv:2010.09714), used to anneal the resampling weights."""
     return (s * x) / ((s - 1) * x + 1)
 
@@ -571,7 +595,7 @@ class Model(nn.Module):
         self.near_anneal_init = near_anneal_init
         self.single_mlp = single_mlp
         self.resample_padding = resample_padding
-        self.use_gpu_resampling = use_gpu_resampling  # Kept for gin compatibility; sampling is the same.
+        self.use_gpu_resampling = use_gpu_resampling  # Picks the interpolation of `stepfun.invert_cdf`.
         self.opaque_background = opaque_background
 
         if single_mlp and num_glo_features > 0:
@@ -602,21 +626,52 @@ class Model(nn.Module):
         is_prop = i_level < self.num_levels - 1
         return self.prop_mlp if (is_prop and self.prop_mlp is not None) else self.nerf_mlp
 
+    def _num_samples(self, i_level: int) -> int:
+        return self.num_prop_samples if i_level < self.num_levels - 1 else self.num_nerf_samples
+
+    def draw_noise(self, rng: torch.Generator, batch_shape: Sequence[int], dtype: torch.dtype,
+                   device: torch.device) -> LevelNoise:
+        """Every random number one forward pass over rays of shape `batch_shape` uses, drawn from `rng` in a fixed
+        order (level by level: sampling jitter, the MLP's density and bottleneck noise, background colours), the
+        order in which the reference's forward pass draws them.
+
+        Returns:
+            one dict per level: 'jitter' U[0, 1) [*batch_shape, 1 or n] (see `stepfun.draw_jitter`), the MLP's
+            `draw_noise` entries ('density', 'bottleneck'), and 'bg' U[0, 1) [*batch_shape, 3] when the
+            background colour is random.
+        """
+        batch_shape = tuple(batch_shape)
+        noise = []
+        for i_level in range(self.num_levels):
+            n = self._num_samples(i_level)
+            level = {'jitter': stepfun.draw_jitter(rng, batch_shape, n, self.single_jitter, dtype, device)}
+            level.update(self.mlp_for_level(i_level).draw_noise(rng, batch_shape + (n,), dtype, device,
+                                                                self.use_viewdirs))
+            lo, hi = self.bg_intensity_range
+            if lo != hi:
+                level['bg'] = torch.rand(batch_shape + (3,), generator=rng, device=device, dtype=dtype)
+            noise.append(level)
+        return noise
+
     def forward(
         self,
         rng: Optional[torch.Generator],
         rays: utils.Rays,
-        train_frac: float,
+        train_frac: Union[float, torch.Tensor],
         compute_extras: bool,
         zero_glo: bool = True,
     ) -> Tuple[Renderings, RayHistory]:
         """Renders rays through every sampling level.
 
+        The random numbers are drawn here (`draw_noise`), and the rendering itself (`render_rays`, what
+        `compile_model` compiles) is a pure function of its tensor inputs.
+
         Args:
             rng: generator for jitter, noise and background colours (on the rays' device); None renders
                 deterministically (interval centres, mid-range background).
             rays: a `Rays` bundle with leading dimensions `...`.
-            train_frac: fraction of training done, in [0, 1] (drives the resampling anneal and near annealing).
+            train_frac: fraction of training done, in [0, 1] (drives the resampling anneal and near annealing);
+                a number or a 0-d tensor.
             compute_extras: if True also render acc, distances, normals, and sample bundles (`ray_*`).
             zero_glo: if True use zero GLO vectors (rendering novel views).
 
@@ -626,121 +681,66 @@ class Model(nn.Module):
             ray_history: one dict per level with the MLP outputs plus 'sdist' [..., n + 1] and 'weights' [..., n].
         """
         origins = rays.origins
-        batch_shape = origins.shape[:-1]
-
-        if self.num_glo_features > 0:
-            if not zero_glo:
-                glo_vec = self.glo_vecs(rays.cam_idx[..., 0].long())
-            else:
-                glo_vec = torch.zeros(batch_shape + (self.num_glo_features,), dtype=origins.dtype,
-                                      device=origins.device)
+        noise = None
+        if rng is not None:
+            noise = self.draw_noise(rng, origins.shape[:-1], origins.dtype, origins.device)
+        if isinstance(train_frac, torch.Tensor):
+            train_frac = train_frac.to(device=origins.device, dtype=torch.float64)
         else:
-            glo_vec = None
+            # A fill, not a host-to-device copy; and a tensor, so that a compiled render_rays is not recompiled
+            # for every new value.
+            train_frac = torch.full((), float(train_frac), dtype=torch.float64, device=origins.device)
+        return self.render_rays(noise, rays, train_frac, compute_extras, zero_glo)
 
-        _, s_to_t = coord.construct_ray_warps(self.raydist_fn, rays.near, rays.far)
+    def _glo_vectors(self, rays: utils.Rays, zero_glo: bool) -> Optional[torch.Tensor]:
+        if self.num_glo_features == 0:
+            return None
+        if not zero_glo:
+            return self.glo_vecs(rays.cam_idx[..., 0].long())
+        return rays.origins.new_zeros(rays.origins.shape[:-1] + (self.num_glo_features,))
 
+    def _initial_s_near(self, train_frac: torch.Tensor) -> Union[float, torch.Tensor]:
+        """Where sampling starts in s: 0, or with near annealing min(max(1 - train_frac / rate, 0), init)."""
         if self.near_anneal_rate is None:
-            init_s_near = 0.
-        else:
-            init_s_near = float(min(max(1 - train_frac / self.near_anneal_rate, 0.), self.near_anneal_init))
+            return 0.
+        s_near = torch.clamp_min(1 - train_frac / self.near_anneal_rate, 0.)
+        return torch.clamp_max(s_near, self.near_anneal_init)
+
+    def render_rays(
+        self,
+        noise: Optional[LevelNoise],
+        rays: utils.Rays,
+        train_frac: torch.Tensor,
+        compute_extras: bool,
+        zero_glo: bool = True,
+    ) -> Tuple[Renderings, RayHistory]:
+        """`forward` with its random numbers given (`draw_noise`, or None for deterministic rendering) and
+        train_frac a 0-d tensor: no generator and no host sync, so torch.compile captures it as one graph."""
+        glo_vec = self._glo_vectors(rays, zero_glo)
+        _, s_to_t = coord.construct_ray_warps(self.raydist_fn, rays.near, rays.far)
+        # Scalars that depend on train_frac are float64 0-d tensors (as exact as the reference's Python floats),
+        # cast to the rays' dtype where they meet per-ray values.
+        cast = lambda v: v.to(rays.near.dtype) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        init_s_near = self._initial_s_near(train_frac)
         init_s_far = 1.
-        sdist = torch.cat([torch.full_like(rays.near, init_s_near), torch.full_like(rays.far, init_s_far)], dim=-1)
+        domain = (cast(init_s_near), init_s_far)
+        sdist = torch.cat([torch.zeros_like(rays.near) + domain[0], torch.full_like(rays.far, init_s_far)], -1)
         weights = torch.ones_like(rays.near)
+        anneal = cast(_schlick_bias(train_frac, self.anneal_slope)) if self.anneal_slope > 0 else 1.
+
+        ray_history, renderings = [], []
         prod_num_samples = 1
-
-        ray_history = []
-        renderings = []
         for i_level in range(self.num_levels):
-            is_prop = i_level < self.num_levels - 1
-            num_samples = self.num_prop_samples if is_prop else self.num_nerf_samples
-
             # Dilate by a multiple of the expected width of the current intervals, plus a bias.
-            dilation = (self.dilation_bias +
-                        self.dilation_multiplier * (init_s_far - init_s_near) / prod_num_samples)
-            prod_num_samples *= num_samples
-
-            use_dilation = self.dilation_bias > 0 or self.dilation_multiplier > 0
-            if i_level > 0 and use_dilation:
-                sdist, weights = stepfun.max_dilate_weights(
-                    sdist, weights, dilation, domain=(init_s_near, init_s_far), renormalize=True)
-                sdist = sdist[..., 1:-1]
-                weights = weights[..., 1:-1]
-
-            anneal = _schlick_bias(train_frac, self.anneal_slope) if self.anneal_slope > 0 else 1.
-
-            # weights**anneal as logits; empty intervals can never be drawn.
-            logits_resample = torch.where(
-                sdist[..., 1:] > sdist[..., :-1],
-                anneal * torch.log(weights + self.resample_padding),
-                torch.full_like(weights, -torch.inf))
-
-            sdist = stepfun.sample_intervals(
-                rng, sdist, logits_resample, num_samples, single_jitter=self.single_jitter,
-                domain=(init_s_near, init_s_far))
-
-            if self.stop_level_grad:
-                sdist = sdist.detach()
-
-            tdist = s_to_t(sdist)
-
-            gaussians = render.cast_rays(tdist, rays.origins, rays.directions, rays.radii, self.ray_shape,
-                                         diag=False)
-            if self.disable_integration:
-                gaussians = (gaussians[0], torch.zeros_like(gaussians[1]))
-
-            mlp = self.mlp_for_level(i_level)
-            ray_results = mlp(
-                rng,
-                gaussians,
-                viewdirs=rays.viewdirs if self.use_viewdirs else None,
-                imageplane=rays.imageplane,
-                glo_vec=None if is_prop else glo_vec,
-                exposure=rays.exposure_values,
-            )
-
-            weights = render.compute_alpha_weights(
-                ray_results['density'], tdist, rays.directions, opaque_background=self.opaque_background)[0]
-
-            lo, hi = self.bg_intensity_range
-            if lo == hi:
-                bg_rgbs = lo
-            elif rng is None:
-                bg_rgbs = (lo + hi) / 2
-            else:
-                bg_rgbs = lo + (hi - lo) * torch.rand(weights.shape[:-1] + (3,), generator=rng,
-                                                      device=weights.device, dtype=weights.dtype)
-
-            if rays.exposure_idx is not None:
-                # RawNeRF: scale colours by the exposure, and optionally by a learned per-exposure factor.
-                rgb = ray_results['rgb'] * rays.exposure_values[..., None, :]
-                if self.exposure_scaling_offsets is not None:
-                    exposure_idx = rays.exposure_idx[..., 0].long()
-                    # Exposure 0 is the fixed reference: its scaling stays exactly 1.
-                    mask = (exposure_idx > 0).to(rgb.dtype)
-                    scaling = 1 + mask[..., None] * self.exposure_scaling_offsets(exposure_idx)
-                    rgb = rgb * scaling[..., None, :]
-                ray_results['rgb'] = rgb
-
-            rendering = render.volumetric_rendering(
-                ray_results['rgb'],
-                weights,
-                tdist,
-                bg_rgbs,
-                rays.far,
-                compute_extras,
-                extras={k: v for k, v in ray_results.items() if k.startswith('normals') or k == 'roughness'})
-
-            if compute_extras:
-                # A few rays kept whole (not as image chunks), for visualisation.
-                n = self.config.vis_num_rays if self.config is not None else 16
-                rendering['ray_sdist'] = sdist.reshape(-1, sdist.shape[-1])[:n, :]
-                rendering['ray_weights'] = weights.reshape(-1, weights.shape[-1])[:n, :]
-                rgb = ray_results['rgb']
-                rendering['ray_rgbs'] = rgb.reshape((-1,) + rgb.shape[-2:])[:n, :, :]
-
+            dilation = cast(self.dilation_bias +
+                            self.dilation_multiplier * (init_s_far - init_s_near) / prod_num_samples)
+            prod_num_samples *= self._num_samples(i_level)
+            logits = self._resampling_logits(i_level, sdist, weights, dilation, domain, anneal)
+            level_noise = noise[i_level] if noise is not None else {}
+            rendering, ray_results = self._render_level(i_level, rays, logits, s_to_t, domain, glo_vec,
+                                                        level_noise, compute_extras)
+            sdist, weights = ray_results['sdist'], ray_results['weights']
             renderings.append(rendering)
-            ray_results['sdist'] = sdist
-            ray_results['weights'] = weights
             ray_history.append(ray_results)
 
         if compute_extras:
@@ -748,8 +748,81 @@ class Model(nn.Module):
             final_rgb = torch.sum(renderings[-1]['ray_rgbs'] * renderings[-1]['ray_weights'][..., None], dim=-2)
             for r in renderings[:-1]:
                 r['ray_rgbs'] = final_rgb[:, None, :].expand(r['ray_rgbs'].shape)
-
         return renderings, ray_history
+
+    def _resampling_logits(self, i_level: int, sdist: torch.Tensor, weights: torch.Tensor,
+                           dilation: Union[float, torch.Tensor], domain: stepfun.Domain,
+                           anneal: Union[float, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(sdist, logits) of the step function the next level resamples: the previous level's weights, dilated
+        (after the first level) and annealed to weights**anneal, as logits; empty intervals are never drawn."""
+        if i_level > 0 and (self.dilation_bias > 0 or self.dilation_multiplier > 0):
+            sdist, weights = stepfun.max_dilate_weights(sdist, weights, dilation, domain=domain, renormalize=True)
+            sdist = sdist[..., 1:-1]
+            weights = weights[..., 1:-1]
+        logits = torch.where(sdist[..., 1:] > sdist[..., :-1], anneal * torch.log(weights + self.resample_padding),
+                             torch.full_like(weights, -torch.inf))
+        return sdist, logits
+
+    def _render_level(self, i_level: int, rays: utils.Rays, resampling: Tuple[torch.Tensor, torch.Tensor],
+                      s_to_t: Callable[[torch.Tensor], torch.Tensor], domain: stepfun.Domain,
+                      glo_vec: Optional[torch.Tensor], noise: Mapping[str, torch.Tensor],
+                      compute_extras: bool) -> Tuple[Dict[str, Any], Dict[str, Optional[torch.Tensor]]]:
+        """One sampling level: draw intervals from `resampling` = (sdist, logits), query the level's MLP on
+        their Gaussians, composite. Returns the level's rendering and ray history entry."""
+        is_prop = i_level < self.num_levels - 1
+        sdist = stepfun.sample_intervals(
+            None, *resampling, self._num_samples(i_level), single_jitter=self.single_jitter, domain=domain,
+            use_gpu_resampling=self.use_gpu_resampling, jitter=noise.get('jitter'))
+        if self.stop_level_grad:
+            sdist = sdist.detach()
+        tdist = s_to_t(sdist)
+
+        gaussians = render.cast_rays(tdist, rays.origins, rays.directions, rays.radii, self.ray_shape, diag=False)
+        if self.disable_integration:
+            gaussians = (gaussians[0], torch.zeros_like(gaussians[1]))
+        ray_results = self.mlp_for_level(i_level)(
+            None, gaussians, viewdirs=rays.viewdirs if self.use_viewdirs else None, imageplane=rays.imageplane,
+            glo_vec=None if is_prop else glo_vec, exposure=rays.exposure_values,
+            noise={k: v for k, v in noise.items() if k in ('density', 'bottleneck')})
+
+        weights = render.compute_alpha_weights(
+            ray_results['density'], tdist, rays.directions, opaque_background=self.opaque_background)[0]
+        if rays.exposure_idx is not None:
+            ray_results['rgb'] = self._scale_by_exposure(ray_results['rgb'], rays)
+        rendering = render.volumetric_rendering(
+            ray_results['rgb'], weights, tdist, self._background(noise.get('bg')), rays.far, compute_extras,
+            extras={k: v for k, v in ray_results.items() if k.startswith('normals') or k == 'roughness'})
+        if compute_extras:
+            # A few rays kept whole (not as image chunks), for visualisation.
+            n = self.config.vis_num_rays if self.config is not None else 16
+            rendering['ray_sdist'] = sdist.reshape(-1, sdist.shape[-1])[:n, :]
+            rendering['ray_weights'] = weights.reshape(-1, weights.shape[-1])[:n, :]
+            rgb = ray_results['rgb']
+            rendering['ray_rgbs'] = rgb.reshape((-1,) + rgb.shape[-2:])[:n, :, :]
+        ray_results['sdist'] = sdist
+        ray_results['weights'] = weights
+        return rendering, ray_results
+
+    def _background(self, uniform: Optional[torch.Tensor]) -> Union[float, torch.Tensor]:
+        """The background colour: fixed, uniform in `bg_intensity_range` from the U[0, 1) draws [..., 3], or
+        (deterministic rendering) mid-range."""
+        lo, hi = self.bg_intensity_range
+        if lo == hi:
+            return lo
+        if uniform is None:
+            return (lo + hi) / 2
+        return lo + (hi - lo) * uniform
+
+    def _scale_by_exposure(self, rgb: torch.Tensor, rays: utils.Rays) -> torch.Tensor:
+        """RawNeRF: colours [..., n, 3] scaled by the exposure, and optionally by a learned per-exposure factor."""
+        rgb = rgb * rays.exposure_values[..., None, :]
+        if self.exposure_scaling_offsets is not None:
+            exposure_idx = rays.exposure_idx[..., 0].long()
+            # Exposure 0 is the fixed reference: its scaling stays exactly 1.
+            mask = (exposure_idx > 0).to(rgb.dtype)
+            scaling = 1 + mask[..., None] * self.exposure_scaling_offsets(exposure_idx)
+            rgb = rgb * scaling[..., None, :]
+        return rgb
 
 
 def reference_param_names(model: Model) -> Dict[str, str]:
@@ -851,3 +924,30 @@ def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tu
         for k in ray_keys:
             rendering[k] = [r[perm] for r in rendering[k]]
     return rendering
+
+
+COMPILE_MODES = ('none', 'mlp', 'model')
+
+
+def compile_model(model: Model, mode: Optional[str], **compile_kwargs: Any) -> Model:
+    """Compiles the generator-free part of `model` in place (`Config.compile`) and returns it.
+
+    'model' compiles `Model.render_rays` (every level: sampling, MLPs, compositing; one graph, no breaks for
+    models without density-gradient normals), 'mlp' only each MLP's `evaluate`, 'none' (or None) nothing.
+    Random numbers are drawn outside the compiled code (`Model.draw_noise`), so outputs stay a pure function of
+    the generator, and train_frac enters as a 0-d tensor, so a new value does not recompile. Parameter names are
+    unchanged (state_dicts and checkpoints are those of the plain model). `compile_kwargs` go to
+    `torch.compile` (e.g. backend='aot_eager', mode='max-autotune').
+    """
+    if mode is None or mode == 'none':
+        return model
+    if mode == 'model':
+        model.render_rays = torch.compile(model.render_rays, **compile_kwargs)
+    elif mode == 'mlp':
+        for mlp in (model.nerf_mlp, model.prop_mlp):
+            if mlp is not None:
+                mlp.evaluate = torch.compile(mlp.evaluate, **compile_kwargs)
+    else:
+        raise configs.ConfigError(f"Config.compile = {mode!r} is not one of {', '.join(map(repr, COMPILE_MODES))}; "
+                                  "set Config.compile = 'none', 'mlp' or 'model'.")
+    return model

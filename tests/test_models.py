@@ -378,3 +378,25 @@ def test_forward_matches_jax_reference(case, clean_gin):
             assert float(err.max()) < tol, (key, float(err.max()))
         checked += 1
     assert checked >= 8
+
+
+def test_use_gpu_resampling_picks_the_inverse_cdf_interpolation(monkeypatch):
+    from mipnerf360 import stepfun
+    seen = []
+    invert_cdf = stepfun.invert_cdf
+
+    def spy(u, t, w_logits, use_gpu_resampling=False):
+        seen.append(use_gpu_resampling)
+        return invert_cdf(u, t, w_logits, use_gpu_resampling=use_gpu_resampling)
+
+    monkeypatch.setattr(stepfun, 'invert_cdf', spy)
+    rays = _random_rays(6)
+    outs = []
+    for flag in (False, True):
+        model = _tiny_model(use_gpu_resampling=flag)
+        with torch.no_grad():
+            outs.append(model(torch.Generator().manual_seed(1), rays, 0.5, False)[1])
+    assert seen == [False] * 3 + [True] * 3
+    # math.interp and math.sorted_interp agree where the CDF has no flat steps (all weights are positive here).
+    for a, b in zip(*outs):
+        assert torch.allclose(a['sdist'], b['sdist'], atol=1e-9)
