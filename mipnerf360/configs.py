@@ -158,6 +158,10 @@ class Config:
     # torch.compile of the model (models.compile_model): 'none', 'mlp' (each MLP) or 'model' (the whole
     # generator-free rendering of a batch, one graph).
     compile: str = 'none'
+    # Precision of the MLPs' matrix products (models.apply_precision / Model.set_precision): 'fp32', 'tf32', or
+    # 'bf16' (autocast); None is TF32 on CUDA (as the reference's default XLA precision) and float32 on CPU.
+    # Geometry, sampling, compositing and losses stay float32.
+    precision: Optional[str] = None
 
 
 def define_common_flags():

@@ -258,6 +258,7 @@ class MLP(nn.Module):
         self.basis_subdivisions = basis_subdivisions
         self.use_viewdirs = use_viewdirs
         self.num_glo_features = num_glo_features
+        self.precision: Optional[str] = None  # Set by `Model.set_precision`; 'bf16' autocasts the products.
 
         # The basis (transposed to [3, n]) is a buffer so that it follows .to(device); it is kept in float64 (cast
         # to the inputs' dtype when used) so that a float64 model sees the exact basis.
@@ -337,6 +338,46 @@ class MLP(nn.Module):
                                               device=device, dtype=dtype)
         return noise
 
+    def _matmul_precision(self, x: torch.Tensor) -> torch.autocast:
+        """The context of the MLP's matrix products: bf16 autocast when `precision == 'bf16'`, else autocast off
+        (float32; TF32 on CUDA is the process-level setting `apply_precision` makes). Encodings, normals and
+        activations stay outside it, in the inputs' dtype."""
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == 'bf16')
+
+    def _dense(self, layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A head: layer(x) at the MLP's matmul precision, returned in `dtype`."""
+        with self._matmul_precision(x):
+            y = layer(x)
+        return y.to(dtype)
+
+    def _encode_points(self, means: torch.Tensor, covs: torch.Tensor) -> torch.Tensor:
+        """Warp, project onto the basis and integrated-positional-encode the Gaussians: [..., input_dim]."""
+        mean_bound = None
+        if self.warp_fn is not None:
+            means, covs = coord.track_linearize(self.warp_fn, means, covs)
+            if coord._is_contract(self.warp_fn):  # pylint: disable=protected-access
+                # Contracted points lie in the ball of radius 2 and the basis directions are unit vectors.
+                mean_bound = 2.0
+        basis = self.pos_basis_t.to(means.dtype)
+        lifted_means, lifted_vars = coord.lift_and_diagonalize(means, covs, basis)
+        return coord.integrated_pos_enc(lifted_means, lifted_vars, self.min_deg_point, self.max_deg_point,
+                                        mean_bound=mean_bound)
+
+    def _trunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The density trunk on rows [num_samples, input_dim]: (raw density [num_samples], features)."""
+        # 2D layer outputs are fresh tensors (not views), so the default ReLU can run in place on them.
+        inputs = x
+        skip_pending = False  # Whether the next layer reads [x, inputs] (the skip connection).
+        with self._matmul_precision(x):
+            for i, layer in enumerate(self.trunk):
+                y = _split_linear(layer, [x, inputs]) if skip_pending else layer(x)
+                x = _activate(self.net_activation, y)
+                skip_pending = i % self.skip_layer == 0 and i > 0
+                if skip_pending and i == len(self.trunk) - 1:
+                    x = torch.cat([x, inputs], dim=-1)  # The features themselves include the encoding.
+            raw_density = self.density_layer(x)[..., 0]
+        return raw_density, x
+
     def predict_density(self, means: torch.Tensor, covs: torch.Tensor,
                         noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Raw density and trunk features.
@@ -346,35 +387,30 @@ class MLP(nn.Module):
             noise: [...] standard normals scaled by `density_noise` and added to the raw density, or None.
 
         Returns:
-            raw_density: [...]; features: [..., feature_dim].
+            raw_density: [...] (in the means' dtype); features: [..., feature_dim] (bf16 under bf16 precision).
         """
-        mean_bound = None
-        if self.warp_fn is not None:
-            means, covs = coord.track_linearize(self.warp_fn, means, covs)
-            if coord._is_contract(self.warp_fn):  # pylint: disable=protected-access
-                # Contracted points lie in the ball of radius 2 and the basis directions are unit vectors.
-                mean_bound = 2.0
-        basis = self.pos_basis_t.to(means.dtype)
-        lifted_means, lifted_vars = coord.lift_and_diagonalize(means, covs, basis)
-        x = coord.integrated_pos_enc(lifted_means, lifted_vars, self.min_deg_point, self.max_deg_point,
-                                     mean_bound=mean_bound)
+        x = self._encode_points(means, covs)
         sample_shape = x.shape[:-1]
-        # The trunk works on rows [num_samples, width]: 2D layer outputs are fresh tensors (not views), so the
-        # default ReLU can run in place on them.
-        x = x.reshape(-1, x.shape[-1])
-        inputs = x
-        skip_pending = False  # Whether the next layer reads [x, inputs] (the skip connection).
-        for i, layer in enumerate(self.trunk):
-            y = _split_linear(layer, [x, inputs]) if skip_pending else layer(x)
-            x = _activate(self.net_activation, y)
-            skip_pending = i % self.skip_layer == 0 and i > 0
-            if skip_pending and i == len(self.trunk) - 1:
-                x = torch.cat([x, inputs], dim=-1)  # The features themselves include the encoding.
-        raw_density = self.density_layer(x)[..., 0].reshape(sample_shape)
+        raw_density, x = self._trunk(x.reshape(-1, x.shape[-1]))
+        raw_density = raw_density.to(means.dtype).reshape(sample_shape)
         x = x.reshape(sample_shape + x.shape[-1:])
         if noise is not None and self.density_noise > 0:
             raw_density = raw_density + self.density_noise * noise
         return raw_density, x
+
+    def _density_with_gradient(self, means: torch.Tensor, covs: torch.Tensor, noise: Optional[torch.Tensor]
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`predict_density` and the gradient of the raw density with respect to the means [..., 3]."""
+        # Each sample's raw density depends on its own mean only, so the gradient of the sum gives every
+        # per-sample gradient at once. Under no_grad (rendering) the graph is built locally and dropped.
+        outer_grad = torch.is_grad_enabled()
+        with torch.enable_grad():
+            means_in = means if means.requires_grad else means.detach().requires_grad_(True)
+            raw_density, x = self.predict_density(means_in, covs, noise)
+            raw_grad_density = torch.autograd.grad(raw_density.sum(), means_in, create_graph=outer_grad)[0]
+        if not outer_grad:
+            raw_density, x = raw_density.detach(), x.detach()
+        return raw_density, x, raw_grad_density
 
     def forward(
         self,
@@ -400,7 +436,7 @@ class MLP(nn.Module):
         Returns:
             A dict with density [..., n], rgb [..., n, num_rgb_channels] (zeros [..., n, 3] if `disable_rgb`),
             raw_grad_density / normals [..., n, 3], grad_pred / normals_pred [..., n, 3], roughness [..., n, 1]
-            (each None when not computed).
+            (each None when not computed), all in the means' dtype whatever the precision.
         """
         del imageplane, exposure
         if rng is not None:
@@ -414,102 +450,24 @@ class MLP(nn.Module):
                  glo_vec: Optional[torch.Tensor], noise: Mapping[str, torch.Tensor]) -> Dict[str, Optional[torch.Tensor]]:
         """`forward` with its noise given (from `draw_noise`; {} for none): no generator, so it compiles whole."""
         means, covs = gaussians
+        raw_grad_density = normals = grad_pred = normals_pred = None
         if self.disable_density_normals:
             raw_density, x = self.predict_density(means, covs, noise.get('density'))
-            raw_grad_density = None
-            normals = None
         else:
-            # Each sample's raw density depends on its own mean only, so the gradient of the sum gives every
-            # per-sample gradient at once. Under no_grad (rendering) the graph is built locally and dropped.
-            outer_grad = torch.is_grad_enabled()
-            with torch.enable_grad():
-                means_in = means if means.requires_grad else means.detach().requires_grad_(True)
-                raw_density, x = self.predict_density(means_in, covs, noise.get('density'))
-                raw_grad_density = torch.autograd.grad(raw_density.sum(), means_in, create_graph=outer_grad)[0]
-            if not outer_grad:
-                raw_density, x = raw_density.detach(), x.detach()
+            raw_density, x, raw_grad_density = self._density_with_gradient(means, covs, noise.get('density'))
             normals = -ref_utils.l2_normalize(raw_grad_density)
-
         if self.normals_layer is not None:
-            grad_pred = self.normals_layer(x)
+            grad_pred = self._dense(self.normals_layer, x, means.dtype)
             normals_pred = -ref_utils.l2_normalize(grad_pred)
-            normals_to_use = normals_pred
-        else:
-            grad_pred = None
-            normals_pred = None
-            normals_to_use = normals
-
         density = self.density_activation(raw_density + self.density_bias)
 
         roughness = None
         if self.disable_rgb:
             rgb = torch.zeros_like(means)
         else:
-            if viewdirs is not None:
-                if not self.use_viewdirs:
-                    raise ValueError('This MLP was built with use_viewdirs=False but was given viewdirs.')
-                raw_rgb_diffuse = tint = None
-                if self.diffuse_layer is not None:
-                    raw_rgb_diffuse = self.diffuse_layer(x)
-                if self.tint_layer is not None:
-                    tint = torch.sigmoid(self.tint_layer(x))
-                if self.roughness_layer is not None:
-                    roughness = self.roughness_activation(self.roughness_layer(x) + self.roughness_bias)
-
-                parts = []
-                if self.bottleneck_layer is not None:
-                    bottleneck = self.bottleneck_layer(x)
-                    if 'bottleneck' in noise:
-                        bottleneck = bottleneck + self.bottleneck_noise * noise['bottleneck']
-                    parts.append(bottleneck)
-                sample_shape = x.shape[:-1]
-
-                if self.use_reflections:
-                    # Viewdirs point from the camera to the point; reflect() wants them pointing at the camera.
-                    refdirs = ref_utils.reflect(-viewdirs[..., None, :], normals_to_use)
-                    dir_enc = self.dir_enc_fn(refdirs, roughness)
-                else:
-                    if self.use_directional_enc:
-                        dir_enc = self.dir_enc_fn(viewdirs[..., None, :].expand(sample_shape + (3,)), roughness)
-                    else:
-                        # One encoding per ray ([..., 1, c]), broadcast over the samples below.
-                        dir_enc = self.dir_enc_fn(viewdirs, roughness)[..., None, :]
-                parts.append(dir_enc)
-
-                if self.use_n_dot_v:
-                    parts.append(torch.sum(normals_to_use * viewdirs[..., None, :], dim=-1, keepdim=True))
-
-                if glo_vec is not None:
-                    parts.append(glo_vec[..., None, :])
-
-                has_dir_skip = len(self.viewdir_layers) > self.skip_layer_dir
-                if len(self.viewdir_layers) == 0 or has_dir_skip:
-                    x = torch.cat([p.expand(sample_shape + p.shape[-1:]) for p in parts], dim=-1)
-                    inputs = x
-                    for i, layer in enumerate(self.viewdir_layers):
-                        x = self.net_activation(layer(x))
-                        if i % self.skip_layer_dir == 0 and i > 0:
-                            x = torch.cat([x, inputs], dim=-1)
-                else:
-                    # No skip connection: the first layer takes the parts one by one (per-ray parts once per
-                    # ray) instead of their per-sample concatenation.
-                    x = self.net_activation(_split_linear(self.viewdir_layers[0], parts))
-                    for layer in self.viewdir_layers[1:]:
-                        x = self.net_activation(layer(x))
-            else:
-                raw_rgb_diffuse = tint = None
-
-            rgb = self.rgb_activation(self.rgb_premultiplier * self.rgb_layer(x) + self.rgb_bias)
-
-            if raw_rgb_diffuse is not None:
-                # The diffuse colour starts near 0.25 so that diffuse + specular starts near 0.5.
-                diffuse_linear = torch.sigmoid(raw_rgb_diffuse - pymath.log(3.0))
-                specular_linear = tint * rgb if tint is not None else 0.5 * rgb
-                rgb = torch.clamp(image.linear_to_srgb(specular_linear + diffuse_linear), 0.0, 1.0)
-
-            # Map [0, 1] to [-rgb_padding, 1 + rgb_padding].
-            rgb = rgb * (1 + 2 * self.rgb_padding) - self.rgb_padding
-
+            normals_to_use = normals_pred if self.normals_layer is not None else normals
+            rgb, roughness = self._predict_rgb(x, viewdirs, glo_vec, normals_to_use, noise.get('bottleneck'),
+                                               means.dtype)
         return dict(
             density=density,
             rgb=rgb,
@@ -519,6 +477,82 @@ class MLP(nn.Module):
             normals_pred=normals_pred,
             roughness=roughness,
         )
+
+    def _predict_rgb(self, x: torch.Tensor, viewdirs: Optional[torch.Tensor], glo_vec: Optional[torch.Tensor],
+                     normals: Optional[torch.Tensor], bottleneck_noise: Optional[torch.Tensor],
+                     dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The colour [..., n, num_rgb_channels] (and roughness [..., n, 1] or None) from the trunk features."""
+        raw_rgb_diffuse = tint = roughness = None
+        if viewdirs is not None:
+            if not self.use_viewdirs:
+                raise ValueError('This MLP was built with use_viewdirs=False but was given viewdirs.')
+            if self.diffuse_layer is not None:
+                raw_rgb_diffuse = self._dense(self.diffuse_layer, x, dtype)
+            if self.tint_layer is not None:
+                tint = torch.sigmoid(self._dense(self.tint_layer, x, dtype))
+            if self.roughness_layer is not None:
+                roughness = self.roughness_activation(self._dense(self.roughness_layer, x, dtype) +
+                                                      self.roughness_bias)
+            x = self._view_branch(x, viewdirs, glo_vec, normals, roughness, bottleneck_noise)
+
+        rgb = self.rgb_activation(self.rgb_premultiplier * self._dense(self.rgb_layer, x, dtype) + self.rgb_bias)
+        if raw_rgb_diffuse is not None:
+            # The diffuse colour starts near 0.25 so that diffuse + specular starts near 0.5.
+            diffuse_linear = torch.sigmoid(raw_rgb_diffuse - pymath.log(3.0))
+            specular_linear = tint * rgb if tint is not None else 0.5 * rgb
+            rgb = torch.clamp(image.linear_to_srgb(specular_linear + diffuse_linear), 0.0, 1.0)
+        # Map [0, 1] to [-rgb_padding, 1 + rgb_padding].
+        return rgb * (1 + 2 * self.rgb_padding) - self.rgb_padding, roughness
+
+    def _view_inputs(self, x: torch.Tensor, viewdirs: torch.Tensor, glo_vec: Optional[torch.Tensor],
+                     normals: Optional[torch.Tensor], roughness: Optional[torch.Tensor],
+                     bottleneck_noise: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """The parts of the view branch's input: [bottleneck, encoded view (or reflection) direction, n.v, GLO
+        vector], per sample [..., n, c] or (encodings that do not vary along a ray) per ray [..., 1, c]."""
+        parts = []
+        if self.bottleneck_layer is not None:
+            with self._matmul_precision(x):
+                bottleneck = self.bottleneck_layer(x)
+            if bottleneck_noise is not None:
+                bottleneck = bottleneck + self.bottleneck_noise * bottleneck_noise
+            parts.append(bottleneck)
+        sample_shape = x.shape[:-1]
+        if self.use_reflections:
+            # Viewdirs point from the camera to the point; reflect() wants them pointing at the camera.
+            refdirs = ref_utils.reflect(-viewdirs[..., None, :], normals)
+            parts.append(self.dir_enc_fn(refdirs, roughness))
+        elif self.use_directional_enc:
+            parts.append(self.dir_enc_fn(viewdirs[..., None, :].expand(sample_shape + (3,)), roughness))
+        else:
+            # One encoding per ray ([..., 1, c]), broadcast over the samples.
+            parts.append(self.dir_enc_fn(viewdirs, roughness)[..., None, :])
+        if self.use_n_dot_v:
+            parts.append(torch.sum(normals * viewdirs[..., None, :], dim=-1, keepdim=True))
+        if glo_vec is not None:
+            parts.append(glo_vec[..., None, :])
+        return parts
+
+    def _view_branch(self, x: torch.Tensor, viewdirs: torch.Tensor, glo_vec: Optional[torch.Tensor],
+                     normals: Optional[torch.Tensor], roughness: Optional[torch.Tensor],
+                     bottleneck_noise: Optional[torch.Tensor]) -> torch.Tensor:
+        """The view-dependent layers on [bottleneck, direction encoding, n.v, GLO]: features [..., n, c]."""
+        parts = self._view_inputs(x, viewdirs, glo_vec, normals, roughness, bottleneck_noise)
+        sample_shape = x.shape[:-1]
+        with self._matmul_precision(x):
+            if len(self.viewdir_layers) == 0 or len(self.viewdir_layers) > self.skip_layer_dir:
+                x = torch.cat([p.expand(sample_shape + p.shape[-1:]) for p in parts], dim=-1)
+                inputs = x
+                for i, layer in enumerate(self.viewdir_layers):
+                    x = self.net_activation(layer(x))
+                    if i % self.skip_layer_dir == 0 and i > 0:
+                        x = torch.cat([x, inputs], dim=-1)
+            else:
+                # No skip connection: the first layer takes the parts one by one (per-ray parts once per ray)
+                # instead of their per-sample concatenation.
+                x = self.net_activation(_split_linear(self.viewdir_layers[0], parts))
+                for layer in self.viewdir_layers[1:]:
+                    x = self.net_activation(layer(x))
+        return x
 
 
 @gin.configurable
@@ -620,6 +654,19 @@ class Model(nn.Module):
             nn.init.zeros_(self.exposure_scaling_offsets.weight)
         else:
             self.exposure_scaling_offsets = None
+        self.set_precision(getattr(config, 'precision', None))
+
+    def set_precision(self, precision: Optional[str]) -> 'Model':
+        """Sets the precision of the MLPs' matrix products for every later forward pass (train, eval, render,
+        export): 'bf16' runs them under bf16 autocast (outputs cast back to float32); 'fp32', 'tf32' and None
+        run them in float32 (whether float32 products use TF32 is the process-level setting that
+        `apply_precision` makes). Geometry, sampling, compositing and losses are float32 in every case."""
+        check_precision(precision)
+        self.precision = precision
+        for mlp in (self.nerf_mlp, self.prop_mlp):
+            if mlp is not None:
+                mlp.precision = precision
+        return self
 
     def mlp_for_level(self, i_level: int) -> MLP:
         """The MLP that level `i_level` queries (the shared PropMLP for every proposal level)."""
@@ -927,6 +974,34 @@ def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tu
 
 
 COMPILE_MODES = ('none', 'mlp', 'model')
+PRECISIONS = ('fp32', 'tf32', 'bf16')
+
+
+def check_precision(precision: Optional[str]) -> None:
+    if precision is not None and precision not in PRECISIONS:
+        raise configs.ConfigError(f"Config.precision = {precision!r} is not one of {', '.join(map(repr, PRECISIONS))} "
+                                  "or None; set it to one of those (None: TF32 on CUDA, float32 on CPU).")
+
+
+def resolve_precision(precision: Optional[str], device: Union[str, torch.device]) -> str:
+    """`Config.precision` for a device: None is 'tf32' on CUDA (the default precision of the reference's XLA
+    matrix products there) and 'fp32' elsewhere."""
+    check_precision(precision)
+    if precision is None:
+        return 'tf32' if torch.device(device).type == 'cuda' else 'fp32'
+    return precision
+
+
+def apply_precision(precision: Optional[str], device: Union[str, torch.device]) -> str:
+    """Makes the process-level float32 matmul setting that `precision` asks for on `device` (TF32 allowed for
+    'tf32', and for 'bf16' and None on CUDA; full float32 otherwise) and returns the resolved precision. The
+    per-model part (bf16 autocast of the MLPs) is `Model.set_precision`, which `Model(config=...)` applies."""
+    resolved = resolve_precision(precision, device)
+    tf32 = resolved == 'tf32' or (resolved == 'bf16' and resolve_precision(None, device) == 'tf32')
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision('high' if tf32 else 'highest')
+    return resolved
 
 
 def compile_model(model: Model, mode: Optional[str], **compile_kwargs: Any) -> Model:
