@@ -20,6 +20,7 @@ name to the reference's path, e.g. `nerf_mlp.trunk.0.weight` -> `NerfMLP_0/Dense
 
 from __future__ import annotations
 
+import dataclasses
 import math as pymath
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -162,6 +163,7 @@ def _split_linear(layer: nn.Linear, parts: List[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class MLP(nn.Module):
     """A (integrated) positional-encoding MLP, as the reference's `MLP`.
 
@@ -170,152 +172,118 @@ class MLP(nn.Module):
     layer) to one raw density. Unless `disable_rgb`, a view-dependent branch maps [bottleneck, encoded view (or
     reflection) direction, n.v, GLO vector] through `net_depth_viewdirs` layers to RGB.
 
-    Torch needs layer widths up front, so two things flax infers at call time are constructor arguments here:
-    `use_viewdirs` (whether view directions will be passed) and `num_glo_features` (the GLO vector width passed
-    to the NeRF MLP). `Model` sets both.
+    The hyperparameters are dataclass fields (as the reference's flax module's), so `MLP(net_depth=4)`, gin's
+    `NerfMLP.net_depth = 4` and `dataclasses.replace` all work; the layers are built in `__post_init__`. Torch
+    needs layer widths up front, so two things flax infers at call time are fields here: `use_viewdirs` (whether
+    view directions will be passed) and `num_glo_features` (the GLO vector width passed to the NeRF MLP).
+    `Model` sets both.
     """
+    net_depth: int = 8  # The depth of the density trunk.
+    net_width: int = 256  # The width of the density trunk.
+    bottleneck_width: int = 256  # The width of the bottleneck vector (0: none).
+    net_depth_viewdirs: int = 1  # The depth of the view-dependent branch.
+    net_width_viewdirs: int = 128  # The width of the view-dependent branch.
+    net_activation: Callable[[torch.Tensor], torch.Tensor] = _relu  # The activation of both parts.
+    min_deg_point: int = 0  # Min degree of the positional encoding of 3D points.
+    max_deg_point: int = 12  # Max degree of the positional encoding of 3D points.
+    weight_init: str = 'he_uniform'  # Initializer of the dense kernels (a `jax.nn.initializers` name).
+    skip_layer: int = 4  # The encoding is re-concatenated after every skip_layer-th trunk layer.
+    skip_layer_dir: int = 4  # Likewise for the view-dependent branch.
+    num_rgb_channels: int = 3  # The number of colour channels.
+    deg_view: int = 4  # Degree of the encoding of view directions (or of the IDE).
+    use_reflections: bool = False  # Encode reflected view directions instead of view directions (Ref-NeRF).
+    use_directional_enc: bool = False  # Use Ref-NeRF's integrated directional encoding (IDE).
+    enable_pred_roughness: bool = False  # Predict a roughness (needed by the IDE).
+    roughness_activation: Callable[[torch.Tensor], torch.Tensor] = _softplus  # Roughness activation.
+    roughness_bias: float = -1.  # Shift added to the raw roughness before its activation.
+    use_diffuse_color: bool = False  # Predict a diffuse colour added to the view-dependent one.
+    use_specular_tint: bool = False  # Predict a tint that multiplies the view-dependent colour.
+    use_n_dot_v: bool = False  # Feed the dot product of normal and view direction to the view branch.
+    bottleneck_noise: float = 0.0  # Std of the noise added to the bottleneck when training.
+    density_activation: Callable[[torch.Tensor], torch.Tensor] = _softplus  # Density activation.
+    density_bias: float = -1.  # Shift added to the raw density before its activation.
+    density_noise: float = 0.  # Std of the noise added to the raw density when training.
+    rgb_premultiplier: float = 1.  # Premultiplier of the raw colour before its activation.
+    rgb_activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid  # Colour activation.
+    rgb_bias: float = 0.  # Shift added to the raw colour before its activation.
+    rgb_padding: float = 0.001  # The colour is mapped to [-rgb_padding, 1 + rgb_padding].
+    enable_pred_normals: bool = False  # Predict normals with a dense layer.
+    disable_density_normals: bool = False  # Do not compute normals from the density gradient.
+    disable_rgb: bool = False  # Predict no colour (proposal MLPs).
+    warp_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # Warp of the Gaussians (e.g. contract).
+    basis_shape: str = 'icosahedron'  # `octahedron` or `icosahedron`: the encoding basis polyhedron.
+    basis_subdivisions: int = 2  # Tesselation frequency of the basis polyhedron.
+    use_viewdirs: bool = True  # Whether view directions will be passed (builds the view branch).
+    num_glo_features: int = 0  # Width of the GLO vectors that will be passed.
 
-    def __init__(
-        self,
-        net_depth: int = 8,
-        net_width: int = 256,
-        bottleneck_width: int = 256,
-        net_depth_viewdirs: int = 1,
-        net_width_viewdirs: int = 128,
-        net_activation: Callable[[torch.Tensor], torch.Tensor] = _relu,
-        min_deg_point: int = 0,
-        max_deg_point: int = 12,
-        weight_init: str = 'he_uniform',
-        skip_layer: int = 4,
-        skip_layer_dir: int = 4,
-        num_rgb_channels: int = 3,
-        deg_view: int = 4,
-        use_reflections: bool = False,
-        use_directional_enc: bool = False,
-        enable_pred_roughness: bool = False,
-        roughness_activation: Callable[[torch.Tensor], torch.Tensor] = _softplus,
-        roughness_bias: float = -1.,
-        use_diffuse_color: bool = False,
-        use_specular_tint: bool = False,
-        use_n_dot_v: bool = False,
-        bottleneck_noise: float = 0.0,
-        density_activation: Callable[[torch.Tensor], torch.Tensor] = _softplus,
-        density_bias: float = -1.,
-        density_noise: float = 0.,
-        rgb_premultiplier: float = 1.,
-        rgb_activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid,
-        rgb_bias: float = 0.,
-        rgb_padding: float = 0.001,
-        enable_pred_normals: bool = False,
-        disable_density_normals: bool = False,
-        disable_rgb: bool = False,
-        warp_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        basis_shape: str = 'icosahedron',
-        basis_subdivisions: int = 2,
-        use_viewdirs: bool = True,
-        num_glo_features: int = 0,
-    ):
+    def __post_init__(self):
         super().__init__()
-        if use_reflections and not (enable_pred_normals or not disable_density_normals):
+        if self.use_reflections and not (self.enable_pred_normals or not self.disable_density_normals):
             raise ValueError('use_reflections needs normals: set enable_pred_normals=True or '
                              'disable_density_normals=False.')
-        if use_directional_enc and not enable_pred_roughness:
+        if self.use_directional_enc and not self.enable_pred_roughness:
             raise ValueError('use_directional_enc (the IDE) needs a roughness: set enable_pred_roughness=True.')
-        self.net_depth = net_depth
-        self.net_width = net_width
-        self.bottleneck_width = bottleneck_width
-        self.net_depth_viewdirs = net_depth_viewdirs
-        self.net_width_viewdirs = net_width_viewdirs
-        self.net_activation = net_activation
-        self.min_deg_point = min_deg_point
-        self.max_deg_point = max_deg_point
-        self.weight_init = weight_init
-        self.skip_layer = skip_layer
-        self.skip_layer_dir = skip_layer_dir
-        self.num_rgb_channels = num_rgb_channels
-        self.deg_view = deg_view
-        self.use_reflections = use_reflections
-        self.use_directional_enc = use_directional_enc
-        self.enable_pred_roughness = enable_pred_roughness
-        self.roughness_activation = roughness_activation
-        self.roughness_bias = roughness_bias
-        self.use_diffuse_color = use_diffuse_color
-        self.use_specular_tint = use_specular_tint
-        self.use_n_dot_v = use_n_dot_v
-        self.bottleneck_noise = bottleneck_noise
-        self.density_activation = density_activation
-        self.density_bias = density_bias
-        self.density_noise = density_noise
-        self.rgb_premultiplier = rgb_premultiplier
-        self.rgb_activation = rgb_activation
-        self.rgb_bias = rgb_bias
-        self.rgb_padding = rgb_padding
-        self.enable_pred_normals = enable_pred_normals
-        self.disable_density_normals = disable_density_normals
-        self.disable_rgb = disable_rgb
-        self.warp_fn = warp_fn
-        self.basis_shape = basis_shape
-        self.basis_subdivisions = basis_subdivisions
-        self.use_viewdirs = use_viewdirs
-        self.num_glo_features = num_glo_features
         self.precision: Optional[str] = None  # Set by `Model.set_precision`; 'bf16' autocasts the products.
 
         # The basis (transposed to [3, n]) is a buffer so that it follows .to(device); it is kept in float64 (cast
         # to the inputs' dtype when used) so that a float64 model sees the exact basis.
-        basis = torch.as_tensor(np.ascontiguousarray(geopoly.generate_basis(basis_shape, basis_subdivisions)),
-                                dtype=torch.float64)
+        basis = geopoly.generate_basis(self.basis_shape, self.basis_subdivisions)
+        basis = torch.as_tensor(np.ascontiguousarray(basis), dtype=torch.float64)
         self.register_buffer('pos_basis_t', basis.T.contiguous(), persistent=False)
         num_dirs = self.pos_basis_t.shape[-1]
-        self.input_dim = 2 * num_dirs * (max_deg_point - min_deg_point)
+        self.input_dim = 2 * num_dirs * (self.max_deg_point - self.min_deg_point)
 
-        if use_directional_enc:
-            self.dir_enc_fn = ref_utils.generate_ide_fn(deg_view)
-            dir_enc_dim = _ide_dim(deg_view)
+        if self.use_directional_enc:
+            self.dir_enc_fn = ref_utils.generate_ide_fn(self.deg_view)
+            dir_enc_dim = _ide_dim(self.deg_view)
         else:
             self.dir_enc_fn = self._pos_enc_dirs
-            dir_enc_dim = _pos_enc_dim(deg_view)
+            dir_enc_dim = _pos_enc_dim(self.deg_view)
 
-        dense = lambda i, o: Dense(i, o, weight_init)  # noqa: E731
         # Layers are created in the order in which the reference's flax module creates its `Dense_k`s.
         self._reference_order: List[str] = []
+        self._build_trunk()
+        self._build_color_layers(dir_enc_dim)
 
-        def add(name: str, layer: nn.Module) -> nn.Module:
-            self._reference_order.append(name)
-            return layer
+    def _dense_layer(self, name: str, in_features: int, out_features: int) -> Dense:
+        self._reference_order.append(name)
+        return Dense(in_features, out_features, self.weight_init)
 
-        # Density trunk.
+    def _build_trunk(self) -> None:
+        """The density trunk, its density head and (with `enable_pred_normals`) its normals head."""
         self.trunk = nn.ModuleList()
         width = self.input_dim
-        for i in range(net_depth):
-            self.trunk.append(add(f'trunk.{i}', dense(width, net_width)))
-            width = net_width + (self.input_dim if (i % skip_layer == 0 and i > 0) else 0)
+        for i in range(self.net_depth):
+            self.trunk.append(self._dense_layer(f'trunk.{i}', width, self.net_width))
+            width = self.net_width + (self.input_dim if (i % self.skip_layer == 0 and i > 0) else 0)
         self.feature_dim = width
-        self.density_layer = add('density_layer', dense(width, 1))
+        self.density_layer = self._dense_layer('density_layer', width, 1)
+        self.normals_layer = self._dense_layer('normals_layer', width, 3) if self.enable_pred_normals else None
 
-        self.normals_layer = add('normals_layer', dense(width, 3)) if enable_pred_normals else None
-
+    def _build_color_layers(self, dir_enc_dim: int) -> None:
+        """The colour heads on the trunk features and the view-dependent branch (unless `disable_rgb`)."""
+        width = self.feature_dim
         self.diffuse_layer = self.tint_layer = self.roughness_layer = self.bottleneck_layer = None
         self.viewdir_layers = nn.ModuleList()
         self.rgb_layer = None
-        if not disable_rgb:
-            rgb_in = width
-            if use_viewdirs:
-                if use_diffuse_color:
-                    self.diffuse_layer = add('diffuse_layer', dense(width, num_rgb_channels))
-                if use_specular_tint:
-                    self.tint_layer = add('tint_layer', dense(width, 3))
-                if enable_pred_roughness:
-                    self.roughness_layer = add('roughness_layer', dense(width, 1))
-                if bottleneck_width > 0:
-                    self.bottleneck_layer = add('bottleneck_layer', dense(width, bottleneck_width))
-                view_in = (max(bottleneck_width, 0) + dir_enc_dim + (1 if use_n_dot_v else 0) +
-                           num_glo_features)
-                vwidth = view_in
-                for i in range(net_depth_viewdirs):
-                    self.viewdir_layers.append(add(f'viewdir_layers.{i}', dense(vwidth, net_width_viewdirs)))
-                    vwidth = net_width_viewdirs + (view_in if (i % skip_layer_dir == 0 and i > 0) else 0)
-                rgb_in = vwidth
-            self.rgb_layer = add('rgb_layer', dense(rgb_in, num_rgb_channels))
+        if self.disable_rgb:
+            return
+        if self.use_viewdirs:
+            if self.use_diffuse_color:
+                self.diffuse_layer = self._dense_layer('diffuse_layer', width, self.num_rgb_channels)
+            if self.use_specular_tint:
+                self.tint_layer = self._dense_layer('tint_layer', width, 3)
+            if self.enable_pred_roughness:
+                self.roughness_layer = self._dense_layer('roughness_layer', width, 1)
+            if self.bottleneck_width > 0:
+                self.bottleneck_layer = self._dense_layer('bottleneck_layer', width, self.bottleneck_width)
+            view_in = (max(self.bottleneck_width, 0) + dir_enc_dim + (1 if self.use_n_dot_v else 0) +
+                       self.num_glo_features)
+            width = view_in
+            for i in range(self.net_depth_viewdirs):
+                self.viewdir_layers.append(self._dense_layer(f'viewdir_layers.{i}', width, self.net_width_viewdirs))
+                width = self.net_width_viewdirs + (view_in if (i % self.skip_layer_dir == 0 and i > 0) else 0)
+        self.rgb_layer = self._dense_layer('rgb_layer', width, self.num_rgb_channels)
 
     def _pos_enc_dirs(self, direction: torch.Tensor, _: Optional[torch.Tensor]) -> torch.Tensor:
         return coord.pos_enc(direction, min_deg=0, max_deg=self.deg_view, append_identity=True)
@@ -571,90 +539,64 @@ def _schlick_bias(x: Union[float, torch.Tensor], s: float) -> Union[float, torch
 
 
 @gin.configurable
+@dataclasses.dataclass(eq=False, repr=False)
 class Model(nn.Module):
     """mip-NeRF 360: proposal levels sharing one `PropMLP`, then a `NerfMLP` level (Sec. 3 of 2111.12077).
 
-    Every argument but `config`, `nerf_mlp_params` and `prop_mlp_params` is a field of the reference's `Model`,
+    Every field but `config`, `nerf_mlp_params` and `prop_mlp_params` is a field of the reference's `Model`,
     with the same default. The MLPs are built as `NerfMLP(**nerf_mlp_params)` / `PropMLP(**prop_mlp_params)`, so
     gin bindings of `NerfMLP.*` / `PropMLP.*` apply and explicit dicts override them.
     """
+    config: Any = None  # A Config (supplies vis_num_rays and precision), or None.
+    num_prop_samples: int = 64  # The number of samples for each proposal level.
+    num_nerf_samples: int = 32  # The number of samples the final NeRF level.
+    num_levels: int = 3  # The number of sampling levels (the last one is the NeRF level).
+    bg_intensity_range: Tuple[float, float] = (1., 1.)  # The range of background colours.
+    anneal_slope: float = 10  # Higher = more rapid annealing of the resampling weights.
+    stop_level_grad: bool = True  # If True, don't backprop across levels.
+    use_viewdirs: bool = True  # If True, use view directions as input.
+    raydist_fn: Any = None  # The curve used for ray distances (None: linear in t; 1/x: linear in disparity).
+    ray_shape: str = 'cone'  # The shape of cast rays ('cone' or 'cylinder').
+    disable_integration: bool = False  # If True, use PE instead of IPE.
+    single_jitter: bool = True  # If True, jitter whole rays instead of samples.
+    dilation_multiplier: float = 0.5  # How much to dilate intervals relatively.
+    dilation_bias: float = 0.0025  # How much to dilate intervals absolutely.
+    num_glo_features: int = 0  # GLO vector length, disabled if 0.
+    num_glo_embeddings: int = 1000  # Upper bound on max number of train images.
+    learned_exposure_scaling: bool = False  # Learned exposure scaling (RawNeRF).
+    near_anneal_rate: Optional[float] = None  # How fast to anneal in near bound.
+    near_anneal_init: float = 0.95  # Where to initialize near bound (in [0, 1]).
+    single_mlp: bool = False  # Use the NerfMLP for all rounds of sampling.
+    resample_padding: float = 0.0  # Dirichlet/alpha "padding" on the histogram.
+    use_gpu_resampling: bool = False  # Resample with `math.interp` rather than `math.sorted_interp`.
+    opaque_background: bool = False  # If true, make the background opaque.
+    nerf_mlp_params: Optional[Mapping[str, Any]] = None  # Overrides of the NerfMLP's fields.
+    prop_mlp_params: Optional[Mapping[str, Any]] = None  # Overrides of the PropMLP's fields.
 
-    def __init__(
-        self,
-        config: Any = None,
-        num_prop_samples: int = 64,
-        num_nerf_samples: int = 32,
-        num_levels: int = 3,
-        bg_intensity_range: Tuple[float, float] = (1., 1.),
-        anneal_slope: float = 10,
-        stop_level_grad: bool = True,
-        use_viewdirs: bool = True,
-        raydist_fn: Any = None,
-        ray_shape: str = 'cone',
-        disable_integration: bool = False,
-        single_jitter: bool = True,
-        dilation_multiplier: float = 0.5,
-        dilation_bias: float = 0.0025,
-        num_glo_features: int = 0,
-        num_glo_embeddings: int = 1000,
-        learned_exposure_scaling: bool = False,
-        near_anneal_rate: Optional[float] = None,
-        near_anneal_init: float = 0.95,
-        single_mlp: bool = False,
-        resample_padding: float = 0.0,
-        use_gpu_resampling: bool = False,
-        opaque_background: bool = False,
-        nerf_mlp_params: Optional[Mapping[str, Any]] = None,
-        prop_mlp_params: Optional[Mapping[str, Any]] = None,
-    ):
+    def __post_init__(self):
         super().__init__()
-        self.config = config
-        self.num_prop_samples = num_prop_samples
-        self.num_nerf_samples = num_nerf_samples
-        self.num_levels = num_levels
-        self.bg_intensity_range = tuple(bg_intensity_range)
-        self.anneal_slope = anneal_slope
-        self.stop_level_grad = stop_level_grad
-        self.use_viewdirs = use_viewdirs
-        self.raydist_fn = raydist_fn
-        self.ray_shape = ray_shape
-        self.disable_integration = disable_integration
-        self.single_jitter = single_jitter
-        self.dilation_multiplier = dilation_multiplier
-        self.dilation_bias = dilation_bias
-        self.num_glo_features = num_glo_features
-        self.num_glo_embeddings = num_glo_embeddings
-        self.learned_exposure_scaling = learned_exposure_scaling
-        self.near_anneal_rate = near_anneal_rate
-        self.near_anneal_init = near_anneal_init
-        self.single_mlp = single_mlp
-        self.resample_padding = resample_padding
-        self.use_gpu_resampling = use_gpu_resampling  # Picks the interpolation of `stepfun.invert_cdf`.
-        self.opaque_background = opaque_background
-
-        if single_mlp and num_glo_features > 0:
+        self.bg_intensity_range = tuple(self.bg_intensity_range)
+        if self.single_mlp and self.num_glo_features > 0:
             raise ValueError('single_mlp cannot be combined with num_glo_features > 0: the proposal levels '
                              'feed the shared MLP no GLO vector (the reference fails here too).')
 
         # Construction order as in the reference: the NeRF MLP first, then the proposal MLP.
-        mlp_kwargs = dict(use_viewdirs=use_viewdirs)
-        self.nerf_mlp = NerfMLP(**{**mlp_kwargs, 'num_glo_features': num_glo_features,
-                                   **(nerf_mlp_params or {})})
-        self.prop_mlp = None if single_mlp else PropMLP(**{**mlp_kwargs, **(prop_mlp_params or {})})
+        mlp_kwargs = dict(use_viewdirs=self.use_viewdirs)
+        self.nerf_mlp = NerfMLP(**{**mlp_kwargs, 'num_glo_features': self.num_glo_features,
+                                   **(self.nerf_mlp_params or {})})
+        self.prop_mlp = None if self.single_mlp else PropMLP(**{**mlp_kwargs, **(self.prop_mlp_params or {})})
 
-        if num_glo_features > 0:
-            self.glo_vecs = nn.Embedding(num_glo_embeddings, num_glo_features)
+        self.glo_vecs = None
+        if self.num_glo_features > 0:
+            self.glo_vecs = nn.Embedding(self.num_glo_embeddings, self.num_glo_features)
             # flax's default embedding init: variance_scaling(1, 'fan_in', 'normal', out_axis=0).
-            nn.init.normal_(self.glo_vecs.weight, 0.0, 1.0 / pymath.sqrt(num_glo_features))
-        else:
-            self.glo_vecs = None
+            nn.init.normal_(self.glo_vecs.weight, 0.0, 1.0 / pymath.sqrt(self.num_glo_features))
 
-        if learned_exposure_scaling:
-            self.exposure_scaling_offsets = nn.Embedding(num_glo_embeddings, 3)
+        self.exposure_scaling_offsets = None
+        if self.learned_exposure_scaling:
+            self.exposure_scaling_offsets = nn.Embedding(self.num_glo_embeddings, 3)
             nn.init.zeros_(self.exposure_scaling_offsets.weight)
-        else:
-            self.exposure_scaling_offsets = None
-        self.set_precision(getattr(config, 'precision', None))
+        self.set_precision(getattr(self.config, 'precision', None))
 
     def set_precision(self, precision: Optional[str]) -> 'Model':
         """Sets the precision of the MLPs' matrix products for every later forward pass (train, eval, render,
