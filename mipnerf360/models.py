@@ -5,7 +5,12 @@ Mirrors multinerf's `internal/models.py`:
                    options); `PropMLP` / `NerfMLP` are its gin-configurable subclasses.
   `Model`          the sampling loop of mip-NeRF 360 (Sec. 3 of arXiv:2111.12077): proposal levels driven by one
                    shared `PropMLP`, a final level rendered with the `NerfMLP`.
-  `construct_model`, `render_image`.
+  `construct_model`, `render_image`; `compile_model` (`Config.compile`) and `apply_precision` /
+  `Model.set_precision` (`Config.precision`).
+
+Randomness: `Model.forward(rng, ...)` draws every random number of a pass up front (`Model.draw_noise`, in a
+fixed order) and hands them to `Model.render_rays`, which holds no generator and no host sync: that is what
+`compile_model` compiles (one graph), and outputs stay a pure function of the generator's state.
 
 Shapes: rays carry leading batch dimensions `...`; each level draws `n` intervals per ray, so per-sample values
 are `[..., n]` and interval endpoints `sdist`/`tdist` are `[..., n + 1]`.
@@ -20,9 +25,10 @@ name to the reference's path, e.g. `nerf_mlp.trunk.0.weight` -> `NerfMLP_0/Dense
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math as pymath
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import gin
 import numpy as np
@@ -306,10 +312,12 @@ class MLP(nn.Module):
                                               device=device, dtype=dtype)
         return noise
 
-    def _matmul_precision(self, x: torch.Tensor) -> torch.autocast:
-        """The context of the MLP's matrix products: bf16 autocast when `precision == 'bf16'`, else autocast off
-        (float32; TF32 on CUDA is the process-level setting `apply_precision` makes). Encodings, normals and
-        activations stay outside it, in the inputs' dtype."""
+    def _matmul_precision(self, x: torch.Tensor) -> ContextManager[Any]:
+        """The context of the MLP's matrix products: bf16 autocast when `precision == 'bf16'`; autocast off for
+        'fp32' / 'tf32' (float32; TF32 on CUDA is the process-level setting `apply_precision` makes); and for
+        None whatever autocast the caller has set. Encodings, normals and activations stay outside it."""
+        if self.precision is None:
+            return contextlib.nullcontext()
         return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == 'bf16')
 
     def _dense(self, layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -600,9 +608,10 @@ class Model(nn.Module):
 
     def set_precision(self, precision: Optional[str]) -> 'Model':
         """Sets the precision of the MLPs' matrix products for every later forward pass (train, eval, render,
-        export): 'bf16' runs them under bf16 autocast (outputs cast back to float32); 'fp32', 'tf32' and None
-        run them in float32 (whether float32 products use TF32 is the process-level setting that
-        `apply_precision` makes). Geometry, sampling, compositing and losses are float32 in every case."""
+        export): 'bf16' runs them under bf16 autocast (outputs cast back to float32); 'fp32' and 'tf32' run them
+        in float32 even inside a caller's autocast (whether float32 products use TF32 is the process-level
+        setting that `apply_precision` makes); None leaves them to the caller's context. Geometry, sampling,
+        compositing and losses are float32 in every case."""
         check_precision(precision)
         self.precision = precision
         for mlp in (self.nerf_mlp, self.prop_mlp):

@@ -49,6 +49,9 @@ def test_training_and_eval_forward_have_no_graph_breaks():
     torch._dynamo.reset()
     evaluation = torch._dynamo.explain(model.render_rays)(None, rays, frac, True, True)
     assert evaluation.graph_break_count == 0 and evaluation.graph_count == 1, evaluation.break_reasons
+    torch._dynamo.reset()
+    bf16 = torch._dynamo.explain(model.set_precision('bf16').render_rays)(noise, rays, frac, False, False)
+    assert bf16.graph_break_count == 0 and bf16.graph_count == 1, bf16.break_reasons
 
 
 def test_predrawn_noise_reproduces_generator_draws():
@@ -135,3 +138,15 @@ def test_compile_model_modes():
     assert 'evaluate' in vars(model.nerf_mlp) and 'evaluate' in vars(model.prop_mlp)
     with pytest.raises(configs.ConfigError, match="Config.compile = 'all'"):
         models.compile_model(model, 'all')
+
+
+def test_randomized_forward_and_backward_hold_no_host_sync():
+    from syncguard import no_host_sync
+    model = _tiny_model()
+    rays = _random_rays(6, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with no_host_sync():
+        for frac in (0.3, torch.tensor(0.6)):
+            renderings, history = model(g, rays, frac, compute_extras=False, zero_glo=False)
+            (renderings[-1]['rgb'].sum() + history[0]['weights'].sum()).backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())

@@ -53,14 +53,17 @@ def test_bf16_forward_is_close_to_fp32_and_geometry_stays_float32():
     assert float(((dens - ref_dens).abs() / (ref_dens.abs() + 1e-2)).max()) < 0.05
 
 
-def test_fp32_precision_ignores_an_outer_autocast():
+def test_fp32_precision_ignores_an_outer_autocast_and_none_follows_it():
     rays = _random_rays(8, dtype=torch.float32)
     model = _model('fp32')
     with torch.no_grad():
         plain = model(None, rays, 0.5, False)[0][-1]['rgb']
         with torch.autocast('cpu', dtype=torch.bfloat16):
             inside = model(None, rays, 0.5, False)[0][-1]['rgb']
+            default = model.set_precision(None)(None, rays, 0.5, False)[0][-1]['rgb']
+        bf16 = model.set_precision('bf16')(None, rays, 0.5, False)[0][-1]['rgb']
     assert torch.equal(plain, inside)
+    assert torch.equal(default, bf16) and not torch.equal(default, plain)
 
 
 def test_bf16_gradients_finite_and_training_decreases_loss_like_fp32():
