@@ -8,7 +8,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
-from mipnerf360 import configs, coord, models, stepfun
+from mipnerf360 import configs, coord, models
 from test_models import _random_rays
 
 
@@ -72,18 +72,6 @@ def test_predrawn_noise_reproduces_generator_draws():
     c = _train_forward(model, rays, 8, 0.3)[0][-1]['rgb']
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
-
-
-def test_stepfun_sample_with_predrawn_jitter_matches_generator():
-    t = torch.sort(torch.rand(4, 9, generator=torch.Generator().manual_seed(1)), dim=-1)[0]
-    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
-    for single in (True, False):
-        drawn = stepfun.sample(torch.Generator().manual_seed(3), t, logits, 6, single_jitter=single)
-        jitter = stepfun.draw_jitter(torch.Generator().manual_seed(3), (4,), 6, single)
-        assert jitter.shape == (4, 1 if single else 6)
-        assert torch.equal(stepfun.sample(None, t, logits, 6, single_jitter=single, jitter=jitter), drawn)
-    with pytest.raises(ValueError, match='either rng or'):
-        stepfun.sample(torch.Generator(), t, logits, 6, jitter=jitter)
 
 
 @pytest.mark.slow
