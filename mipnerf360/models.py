@@ -733,9 +733,9 @@ class Model(nn.Module):
             dilation = cast(self.dilation_bias +
                             self.dilation_multiplier * (init_s_far - init_s_near) / prod_num_samples)
             prod_num_samples *= self._num_samples(i_level)
-            logits = self._resampling_logits(i_level, sdist, weights, dilation, domain, anneal)
+            resampling = self._resampling_logits(i_level, sdist, weights, dilation, domain, anneal)
             level_noise = noise[i_level] if noise is not None else {}
-            rendering, ray_results = self._render_level(i_level, rays, logits, s_to_t, domain, glo_vec,
+            rendering, ray_results = self._render_level(i_level, rays, resampling, s_to_t, domain, glo_vec,
                                                         level_noise, compute_extras)
             sdist, weights = ray_results['sdist'], ray_results['weights']
             renderings.append(rendering)
