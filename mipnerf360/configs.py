@@ -156,6 +156,13 @@ class Config:
     dtuhold: int = 8  # DTU: every Nth image is a test image.
     seed: int = 0  # Seed of every random stream (model init, batches, sampling).
     device: Optional[str] = None  # 'cpu', 'cuda', 'cuda:1', ...; None picks CUDA when available.
+    # torch.compile of the model (models.compile_model): 'none', 'mlp' (each MLP) or 'model' (the whole
+    # generator-free rendering of a batch, one graph).
+    compile: str = 'none'
+    # Precision of the MLPs' matrix products (models.apply_precision / Model.set_precision): 'fp32', 'tf32', or
+    # 'bf16' (autocast); None is TF32 on CUDA (as the reference's default XLA precision) and float32 on CPU.
+    # Geometry, sampling, compositing and losses stay float32.
+    precision: Optional[str] = None
 
     # Training reliability and memory (nan_policy, nan_max_skips_in_a_row, resume_fallback, grad_accum_steps):
     nan_policy: str = 'stop'  # On a non-finite loss term or gradient norm: 'stop' (exit non-zero, naming the step

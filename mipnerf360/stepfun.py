@@ -9,7 +9,7 @@ Equation numbers refer to mip-NeRF 360 (Barron et al., CVPR 2022, arXiv:2111.120
 
 All functions are pure, differentiable where the reference is, batched over leading dimensions and free of
 host syncs; they take their device and dtype from their inputs. Randomness comes only from an explicit
-`torch.Generator` (None means deterministic).
+`torch.Generator` (None means deterministic), or from values drawn from one beforehand (`draw_jitter`).
 """
 
 from __future__ import annotations
@@ -286,47 +286,64 @@ def invert_cdf(u: torch.Tensor,
     return interp_fn(u, cw, t)
 
 
+def draw_jitter(rng: torch.Generator,
+                batch_shape: Sequence[int],
+                num_samples: int,
+                single_jitter: bool = False,
+                dtype: torch.dtype = torch.float32,
+                device: Optional[torch.device] = None) -> torch.Tensor:
+    """The U[0, 1) draws that `sample` makes from `rng`: [*batch_shape, 1] if `single_jitter`, else
+    [*batch_shape, num_samples]. Drawing them ahead (e.g. outside a compiled region) and passing them to
+    `sample(None, ..., jitter=...)` gives the same samples as `sample(rng, ...)`."""
+    d = 1 if single_jitter else num_samples
+    return torch.rand(*batch_shape, d, generator=rng, dtype=dtype, device=device)
+
+
 def sample(rng: Optional[torch.Generator],
            t: torch.Tensor,
            w_logits: torch.Tensor,
            num_samples: int,
            single_jitter: bool = False,
            deterministic_center: bool = False,
-           use_gpu_resampling: bool = False) -> torch.Tensor:
+           use_gpu_resampling: bool = False,
+           jitter: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Draw points from the piecewise-constant PDF with endpoints t and weights softmax(w_logits).
 
-    With a generator, u = linspace(0, 1 - u_max, k) + U(0, max_jitter) (stratified, one jitter per sample
-    or one per ray), where u_max = eps + (1 - eps) / k and max_jitter = (1 - u_max) / (k - 1) - eps, so u
-    stays in [0, 1). Without one, u = linspace(0, 1 - eps, k), or the k stratum centres when
+    With a generator (or pre-drawn `jitter`), u = linspace(0, 1 - u_max, k) + U(0, max_jitter) (stratified, one
+    jitter per sample or one per ray), where u_max = eps + (1 - eps) / k and max_jitter = (1 - u_max) / (k - 1)
+    - eps, so u stays in [0, 1). Without either, u = linspace(0, 1 - eps, k), or the k stratum centres when
     `deterministic_center`. The samples are the inverse CDF at u.
 
     Args:
-        rng: torch.Generator on t's device, or None for deterministic samples.
+        rng: torch.Generator on t's device, or None for deterministic samples (or to use `jitter`).
         t: [..., n+1] sorted endpoints.
         w_logits: [..., n] logits of the bin weights.
         num_samples: k, the number of samples.
         single_jitter: jitter all samples of a ray by the same amount.
-        deterministic_center: (rng None only) return the centres of k equal-mass strata.
+        deterministic_center: (no randomness only) return the centres of k equal-mass strata.
         use_gpu_resampling: see `invert_cdf`.
+        jitter: U[0, 1) draws [..., 1] or [..., k] (see `draw_jitter`) used instead of drawing from rng, so
+            that the sampling itself needs no generator (e.g. inside torch.compile).
 
     Returns:
         [..., k] sorted samples.
     """
     eps = _default_eps(t.dtype)
-    batch_shape = t.shape[:-1]
-    if rng is None:
+    if rng is not None and jitter is not None:
+        raise ValueError('sample: pass either rng or pre-drawn jitter, not both.')
+    if rng is not None:
+        jitter = draw_jitter(rng, t.shape[:-1], num_samples, single_jitter, dtype=t.dtype, device=t.device)
+    if jitter is None:
         if deterministic_center:
             pad = 1 / (2 * num_samples)
             u = torch.linspace(pad, 1.0 - pad - eps, num_samples, dtype=t.dtype, device=t.device)
         else:
             u = torch.linspace(0, 1.0 - eps, num_samples, dtype=t.dtype, device=t.device)
-        u = u.expand(*batch_shape, num_samples)
+        u = u.expand(*t.shape[:-1], num_samples)
     else:
         u_max = eps + (1 - eps) / num_samples
         max_jitter = (1 - u_max) / (num_samples - 1) - eps
-        d = 1 if single_jitter else num_samples
-        jitter = torch.rand(*batch_shape, d, generator=rng, dtype=t.dtype, device=t.device) * max_jitter
-        u = torch.linspace(0, 1 - u_max, num_samples, dtype=t.dtype, device=t.device) + jitter
+        u = torch.linspace(0, 1 - u_max, num_samples, dtype=t.dtype, device=t.device) + jitter * max_jitter
     return invert_cdf(u, t, w_logits, use_gpu_resampling=use_gpu_resampling)
 
 
@@ -336,7 +353,8 @@ def sample_intervals(rng: Optional[torch.Generator],
                      num_samples: int,
                      single_jitter: bool = False,
                      domain: Domain = (-float('inf'), float('inf')),
-                     use_gpu_resampling: bool = False) -> torch.Tensor:
+                     use_gpu_resampling: bool = False,
+                     jitter: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Draw intervals (rather than points) from a step function.
 
     Draws `num_samples` centres with `sample(..., deterministic_center=True)`, puts the new endpoints at
@@ -351,6 +369,7 @@ def sample_intervals(rng: Optional[torch.Generator],
         single_jitter: jitter all centres of a ray by the same amount.
         domain: (min, max) valid range of the endpoints.
         use_gpu_resampling: see `invert_cdf`.
+        jitter: pre-drawn U[0, 1) values instead of rng (see `sample`).
 
     Returns:
         [..., num_samples + 1] endpoints.
@@ -358,7 +377,7 @@ def sample_intervals(rng: Optional[torch.Generator],
     if num_samples <= 1:
         raise ValueError(f'num_samples must be > 1, is {num_samples}.')
     centers = sample(rng, t, w_logits, num_samples, single_jitter, deterministic_center=True,
-                     use_gpu_resampling=use_gpu_resampling)
+                     use_gpu_resampling=use_gpu_resampling, jitter=jitter)
     mid = (centers[..., 1:] + centers[..., :-1]) / 2
     first = _clip_to_domain(2 * centers[..., :1] - mid[..., :1], (domain[0], None))
     last = _clip_to_domain(2 * centers[..., -1:] - mid[..., -1:], (None, domain[1]))

@@ -378,3 +378,44 @@ def test_forward_matches_jax_reference(case, clean_gin):
             assert float(err.max()) < tol, (key, float(err.max()))
         checked += 1
     assert checked >= 8
+
+
+def test_use_gpu_resampling_picks_the_inverse_cdf_interpolation(monkeypatch):
+    from mipnerf360 import stepfun
+    seen = []
+    invert_cdf = stepfun.invert_cdf
+
+    def spy(u, t, w_logits, use_gpu_resampling=False):
+        seen.append(use_gpu_resampling)
+        return invert_cdf(u, t, w_logits, use_gpu_resampling=use_gpu_resampling)
+
+    monkeypatch.setattr(stepfun, 'invert_cdf', spy)
+    rays = _random_rays(6)
+    outs = []
+    for flag in (False, True):
+        model = _tiny_model(use_gpu_resampling=flag)
+        with torch.no_grad():
+            outs.append(model(torch.Generator().manual_seed(1), rays, 0.5, False)[1])
+    assert seen == [False] * 3 + [True] * 3
+    # math.interp and math.sorted_interp agree where the CDF has no flat steps (all weights are positive here).
+    for a, b in zip(*outs):
+        assert torch.allclose(a['sdist'], b['sdist'], atol=1e-9)
+
+
+def test_hyperparameters_are_dataclass_fields_and_init_is_unchanged():
+    import dataclasses
+    fields = {f.name: f.default for f in dataclasses.fields(models.NerfMLP)}
+    assert fields['net_depth'] == 8 and fields['net_width'] == 256 and fields['skip_layer'] == 4
+    assert {f.name for f in dataclasses.fields(models.Model)} >= {'num_prop_samples', 'nerf_mlp_params', 'config'}
+    mlp = models.MLP(net_depth=2, net_width=8, basis_shape='octahedron', basis_subdivisions=1, max_deg_point=2)
+    wider = dataclasses.replace(mlp, net_width=12)
+    assert wider.trunk[1].weight.shape == (12, 12) and wider.net_depth == 2
+    # State_dict names, their order and the initial values (torch.manual_seed(0)) are those of the previous,
+    # __init__-argument implementation, so its checkpoints load and seeded runs start from the same weights.
+    model = _tiny_model(num_glo_features=2, learned_exposure_scaling=True)
+    state = model.state_dict()
+    assert list(state)[8:12] == ['nerf_mlp.viewdir_layers.0.weight', 'nerf_mlp.viewdir_layers.0.bias',
+                                 'nerf_mlp.bottleneck_layer.weight', 'nerf_mlp.bottleneck_layer.bias']
+    assert len(state) == 22 and list(state)[-2:] == ['glo_vecs.weight', 'exposure_scaling_offsets.weight']
+    fingerprint = sum((k + 1) * float(p.double().sum()) for k, p in enumerate(state.values()))
+    assert fingerprint == pytest.approx(-285.95108378346777, rel=1e-12)

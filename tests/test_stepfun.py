@@ -432,3 +432,17 @@ def test_cuda_matches_cpu():
     assert s.is_cuda and (torch.diff(s) >= 0).all()
     np.testing.assert_allclose(stepfun.lossfun_distortion(t.cuda(), w.cuda()).cpu().numpy(),
                                stepfun.lossfun_distortion(t, w).numpy(), rtol=1e-5)
+
+
+def test_stepfun_sample_with_predrawn_jitter_matches_generator():
+    t = torch.sort(torch.rand(4, 9, generator=torch.Generator().manual_seed(1)), dim=-1)[0]
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    for single in (True, False):
+        drawn = stepfun.sample(torch.Generator().manual_seed(3), t, logits, 6, single_jitter=single)
+        jitter = stepfun.draw_jitter(torch.Generator().manual_seed(3), (4,), 6, single)
+        assert jitter.shape == (4, 1 if single else 6)
+        assert torch.equal(stepfun.sample(None, t, logits, 6, single_jitter=single, jitter=jitter), drawn)
+        intervals = stepfun.sample_intervals(torch.Generator().manual_seed(3), t, logits, 6, single, (0., 1.))
+        assert torch.equal(stepfun.sample_intervals(None, t, logits, 6, single, (0., 1.), jitter=jitter), intervals)
+    with pytest.raises(ValueError, match='either rng or'):
+        stepfun.sample(torch.Generator(), t, logits, 6, jitter=jitter)
