@@ -218,6 +218,7 @@ _RANGES: Dict[str, Tuple[str, Optional[float], Optional[float], bool, bool]] = {
         'render_spline_smoothness': _NON_NEGATIVE, 'exposure_percentile': ('float', 0., 100., False, False),
         'num_border_pixels_to_mask': _AT_LEAST_0, 'dtu_light_cond': ('int', 0, 6, False, False),
         'dtuhold': _AT_LEAST_1, 'seed': ('int', 0, 2**63 - 1, False, False),
+        'nan_max_skips_in_a_row': _AT_LEAST_1, 'grad_accum_steps': _AT_LEAST_1,
 }
 # Fields whose value must be one of a fixed set of strings (None allowed where the default is None).
 _CHOICES: Dict[str, Tuple[str, ...]] = {
@@ -225,6 +226,9 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
         'data_loss_type': ('mse', 'charb', 'rawnerf', 'robustnerf'),
         'orientation_loss_target': ('normals', 'normals_pred'),
         'render_camtype': ('perspective', 'fisheye', 'pano'),
+        'compile': ('none', 'mlp', 'model'),
+        'precision': ('fp32', 'tf32', 'bf16'),
+        'nan_policy': ('stop', 'skip_step'),
 }
 _STRINGS = ('dataset_loader', 'checkpoint_dir', 'render_dir', 'data_dir', 'vocab_tree_path', 'render_path_file',
             'render_spline_keyframes', 'device')

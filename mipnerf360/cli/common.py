@@ -284,15 +284,17 @@ def broadcast_object(obj, world_size: int):
 
 
 def build_model(config: configs.Config, device: torch.device) -> torch.nn.Module:
-    """`models.Model(config=config)` on `device`, seeded by `config.seed`; a model the gin bindings make
-    inconsistent (its constructor's ValueError) becomes a ConfigError."""
+    """`models.Model(config=config)` on `device`, seeded by `config.seed`, at `Config.precision` and compiled as
+    `Config.compile` says; a model the gin bindings make inconsistent (its constructor's ValueError) becomes a
+    ConfigError."""
     from mipnerf360 import models  # pylint: disable=import-outside-toplevel
     torch.manual_seed(config.seed)
     try:
         model = models.Model(config=config)
     except ValueError as e:
         raise configs.ConfigError(f'Bad model bindings: {one_line(e)}') from None
-    return model.to(device)
+    models.apply_precision(config.precision, device)
+    return models.compile_model(model.to(device), config.compile)
 
 
 @contextlib.contextmanager
