@@ -964,18 +964,24 @@ class RawSceneInfo:
     sensor_gain: float  # Sensor value (after black/white level) = clip(gain * shutter_ratio * wb * radiance).
     black_level: int
     white_level: int
+    test_scene: bool = False  # View 0 is the HDR+ merged test frame (see `write_raw_scene`).
 
     def sensor_values(self) -> np.ndarray:
         """[N, H, W, 3] expected normalised sensor values (before quantisation and mosaicking)."""
         scale = self.sensor_gain * self.exposure_values[:, None, None, None] * self.white_balance
         return np.clip(self.radiance * scale, 0., 1.)
 
+    def merged_test_values(self) -> np.ndarray:
+        """[H, W, 3] what the loader returns for the merged test frame of a test scene: view 0's sensor values
+        at the longest shutter, unclipped (HDR)."""
+        return self.radiance[0] * self.sensor_gain * self.white_balance
+
 
 def write_raw_scene(out_dir: str, n_views: int = 12, width: int = 48, height: int = 32,
                     shutter_denominators: Sequence[int] = (25, 50, 100, 200), iso: int = 100,
                     white_balance: Sequence[float] = (0.55, 1.0, 0.72), sensor_gain: float = 0.6,
-                    black_level: int = 512, white_level: int = 16383, seed: int = 0,
-                    supersample: int = 1) -> RawSceneInfo:
+                    black_level: int = 512, white_level: int = 16383, seed: int = 0, supersample: int = 1,
+                    test_scene: bool = False) -> RawSceneInfo:
     """Writes a RawNeRF scene: forward-facing views as raw Bayer (RGGB) DNGs with exiftool JSON metadata.
 
     Layout (what `raw_utils.load_raw_dataset` and the LLFF loader read): `raw/view_{i:03d}.dng` and
@@ -985,13 +991,19 @@ def write_raw_scene(out_dir: str, n_views: int = 12, width: int = 48, height: in
     1 / `shutter_denominators[i % len]` seconds. The camera's colour space is linear sRGB
     (ColorMatrix2 = XYZ -> linear sRGB) with white balance `white_balance`, so `cam2rgb = diag(1 / wb)`.
     Sensor values: `round(black + (white - black) * clip(sensor_gain * shutter / longest * wb * radiance))`.
+
+    With `test_scene`, RawNeRF's test-scene convention: views 1.. go to `raw/train/`; view 0 is the test view,
+    shot as a burst `raw/test/view_000_{k}` (one frame per shutter, longest first) and merged into
+    `hdrplus_test/merged.dng`: the shortest frame, unclipped, with 2 extra fractional bits (values x 4).
     """
     if width % 2 or height % 2 or width < 22 or height < 22:
         raise ValueError(f'write_raw_scene: width x height = {width} x {height}; a Bayer DNG needs even sizes '
                          'of at least 22 pixels (LibRaw refuses smaller images).')
     from mipnerf360.raw_utils import _RGB2XYZ  # pylint: disable=import-outside-toplevel
-    for sub in ('raw', 'images'):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    raw_dir = os.path.join(out_dir, 'raw')
+    for sub in ((os.path.join(raw_dir, 'train'), os.path.join(raw_dir, 'test'), os.path.join(
+            out_dir, 'hdrplus_test')) if test_scene else (raw_dir,)) + (os.path.join(out_dir, 'images'),):
+        os.makedirs(sub, exist_ok=True)
     poses = forward_facing_poses(n_views, seed=seed)
     focal = 1.1 * width
     pixtocam = np.linalg.inv(intrinsics(focal, width, height))
@@ -1000,19 +1012,39 @@ def write_raw_scene(out_dir: str, n_views: int = 12, width: int = 48, height: in
     shutters = 1. / denominators
     ev = shutters / shutters.max()
     xyz2cam = ' '.join(repr(float(v)) for v in np.linalg.inv(_RGB2XYZ).reshape(-1))
+    levels = black_level, white_level - black_level
+
+    def write_frame(folder, name, sensor, denominator):
+        mosaic = np.round(levels[0] + levels[1] * bayer_mosaic(sensor))
+        _write_dng(os.path.join(folder, name + '.dng'), mosaic, black_level, white_level)
+        exif = {'SourceFile': f'{name}.dng', 'BlackLevel': int(black_level), 'WhiteLevel': int(white_level),
+                'AsShotNeutral': ' '.join(repr(float(v)) for v in wb), 'ColorMatrix2': xyz2cam,
+                'ShutterSpeed': f'1/{int(denominator)}', 'ExposureTime': 1. / denominator, 'ISO': int(iso),
+                'CFAPattern2': '0 1 1 2'}
+        with open(os.path.join(folder, name + '.json'), 'w') as fp:
+            json.dump([exif], fp, indent=1)
+
     names, radiance = [], []
     for i in range(n_views):
         name = f'view_{i:03d}'
         hdr = render_hdr_view(poses[i], pixtocam, width, height, supersample=supersample)
         sensor = np.clip(hdr * sensor_gain * ev[i] * wb, 0., 1.)
-        mosaic = np.round(black_level + (white_level - black_level) * bayer_mosaic(sensor))
-        _write_dng(os.path.join(out_dir, 'raw', name + '.dng'), mosaic, black_level, white_level)
-        exif = {'SourceFile': f'{name}.dng', 'BlackLevel': int(black_level), 'WhiteLevel': int(white_level),
-                'AsShotNeutral': ' '.join(repr(float(v)) for v in wb), 'ColorMatrix2': xyz2cam,
-                'ShutterSpeed': f'1/{int(denominators[i])}', 'ExposureTime': float(shutters[i]), 'ISO': int(iso),
-                'CFAPattern2': '0 1 1 2'}
-        with open(os.path.join(out_dir, 'raw', name + '.json'), 'w') as fp:
-            json.dump([exif], fp, indent=1)
+        if not test_scene:
+            write_frame(raw_dir, name, sensor, denominators[i])
+        elif i > 0:
+            write_frame(os.path.join(raw_dir, 'train'), name, sensor, denominators[i])
+        else:
+            burst = sorted(shutter_denominators)
+            for k, den in enumerate(burst):
+                frame = np.clip(hdr * sensor_gain * (burst[0] / den) * wb, 0., 1.)
+                write_frame(os.path.join(raw_dir, 'test'), f'{name}_{k}', frame, den)
+            merged = hdr * sensor_gain * (burst[0] / burst[-1]) * wb
+            if merged.max() > 1:
+                raise ValueError(f'write_raw_scene: the merged test frame clips at 1/{burst[-1]} s; lower '
+                                 f'sensor_gain ({sensor_gain}) or add a shorter shutter.')
+            _write_dng(os.path.join(out_dir, 'hdrplus_test', 'merged.dng'),
+                       np.round(4 * (levels[0] + levels[1] * bayer_mosaic(merged))), 4 * black_level,
+                       4 * white_level)
         _save_rgb(_linear_to_srgb(sensor / wb), os.path.join(out_dir, 'images', name + '.png'))
         names.append(name + '.png')
         radiance.append(hdr)
@@ -1022,7 +1054,7 @@ def write_raw_scene(out_dir: str, n_views: int = 12, width: int = 48, height: in
                      image_ids=list(range(1, n_views + 1)))
     return RawSceneInfo(info=info, bounds=bounds, radiance=np.stack(radiance), shutter_speeds=shutters,
                         exposure_values=ev, white_balance=wb, sensor_gain=float(sensor_gain),
-                        black_level=int(black_level), white_level=int(white_level))
+                        black_level=int(black_level), white_level=int(white_level), test_scene=test_scene)
 
 
 # Distractors (RobustNeRF): a flat-coloured ball, placed anew in each view that has one.

@@ -249,3 +249,29 @@ def test_cli_writes_the_new_formats(tmp_path):
     synthetic.main([str(tmp_path / 'raw'), '--format', 'raw', '--n_views', '2', '--width', '24', '--height', '22',
                     '--supersample', '1'])
     assert os.path.exists(tmp_path / 'raw' / 'raw' / 'view_001.dng')
+
+
+def test_raw_test_scene_round_trip(tmp_path):
+    """RawNeRF's test-scene convention: the loader's test image is the HDR+ merged frame rescaled to the
+    longest shutter of the burst (unclipped), and its train split is views 1.. from raw/train."""
+    pytest.importorskip('pidng', reason='writing DNGs needs the optional pidng package (pip install .[raw])')
+    pytest.importorskip('rawpy', reason='reading DNGs needs the optional rawpy package (pip install .[raw])')
+    d = str(tmp_path)
+    gt = synthetic.write_raw_scene(d, n_views=4, width=24, height=22, test_scene=True)
+    assert sorted(os.listdir(os.path.join(d, 'raw', 'test'))) == sorted(
+            f'view_000_{k}.{e}' for k in range(4) for e in ('dng', 'json'))
+    assert sorted(os.listdir(os.path.join(d, 'raw', 'train')))[0] == 'view_001.dng'
+    tol = 0.5 / (gt.white_level - gt.black_level)
+    te = _load('test', d, dataset_loader='llff', forward_facing=True, factor=0, rawnerf_mode=True)
+    assert te.images.shape == (1, 22, 24, 3)
+    want = gt.merged_test_values()
+    assert want.max() > 1  # HDR: brighter than the longest frame can record.
+    # The merge keeps 2 extra bits; rescaled by the shutter ratio 8 to the longest frame.
+    np.testing.assert_allclose(synthetic.bayer_mosaic(te.images[0]), synthetic.bayer_mosaic(want),
+                               atol=8 * tol / 4 + 1e-6, rtol=0)
+    np.testing.assert_allclose(te.camtoworlds.shape, (1, 3, 4))
+    tr = _load('train', d, dataset_loader='llff', forward_facing=True, factor=0, rawnerf_mode=True)
+    assert tr.images.shape == (3, 22, 24, 3)
+    np.testing.assert_allclose(synthetic.bayer_mosaic(tr.images[2]), synthetic.bayer_mosaic(
+            gt.sensor_values()[3]), atol=tol + 1e-6, rtol=0)
+    np.testing.assert_allclose(tr.metadata['exposure_values'], gt.exposure_values[1:] / gt.exposure_values[1])
