@@ -38,6 +38,10 @@ from PIL import Image
 # ---------------------------------------------------------------------------------------------------------------
 # Scene description.
 
+class SyntheticSceneError(ValueError):
+    """Scene parameters that a generator cannot write (the message names the parameter and the fix)."""
+
+
 LOOKAT = np.array([0., 0., 0.4])  # Point the camera rings look at.
 BACKGROUND_RADIUS = 12.  # Radius of the enclosing background sphere (centred at the origin).
 LIGHT_DIR = np.array([0.45, -0.35, 0.82]) / np.linalg.norm([0.45, -0.35, 0.82])
@@ -997,8 +1001,8 @@ def write_raw_scene(out_dir: str, n_views: int = 12, width: int = 48, height: in
     `hdrplus_test/merged.dng`: the shortest frame, unclipped, with 2 extra fractional bits (values x 4).
     """
     if width % 2 or height % 2 or width < 22 or height < 22:
-        raise ValueError(f'write_raw_scene: width x height = {width} x {height}; a Bayer DNG needs even sizes '
-                         'of at least 22 pixels (LibRaw refuses smaller images).')
+        raise SyntheticSceneError(f'write_raw_scene: width x height = {width} x {height}; a Bayer DNG needs '
+                                  'even sizes of at least 22 pixels (LibRaw refuses smaller images).')
     from mipnerf360.raw_utils import _RGB2XYZ  # pylint: disable=import-outside-toplevel
     raw_dir = os.path.join(out_dir, 'raw')
     for sub in ((os.path.join(raw_dir, 'train'), os.path.join(raw_dir, 'test'), os.path.join(
@@ -1040,8 +1044,8 @@ def write_raw_scene(out_dir: str, n_views: int = 12, width: int = 48, height: in
                 write_frame(os.path.join(raw_dir, 'test'), f'{name}_{k}', frame, den)
             merged = hdr * sensor_gain * (burst[0] / burst[-1]) * wb
             if merged.max() > 1:
-                raise ValueError(f'write_raw_scene: the merged test frame clips at 1/{burst[-1]} s; lower '
-                                 f'sensor_gain ({sensor_gain}) or add a shorter shutter.')
+                raise SyntheticSceneError(f'write_raw_scene: the merged test frame clips at 1/{burst[-1]} s; '
+                                          f'lower sensor_gain ({sensor_gain}) or add a shorter shutter.')
             _write_dng(os.path.join(out_dir, 'hdrplus_test', 'merged.dng'),
                        np.round(4 * (levels[0] + levels[1] * bayer_mosaic(merged))), 4 * black_level,
                        4 * white_level)
@@ -1178,6 +1182,14 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--supersample', type=int, default=2)
     args = parser.parse_args(argv)
+    try:
+        _write_format(args)
+    except SyntheticSceneError as e:
+        parser.error(str(e))
+    print(f'Wrote a {args.format} scene to {args.out_dir}')
+
+
+def _write_format(args: argparse.Namespace):
     size = dict(width=args.width, height=args.height, seed=args.seed, supersample=args.supersample)
     if args.format == 'colmap':
         write_colmap_scene(args.out_dir, n_views=args.n_views, factors=args.factors,
@@ -1201,7 +1213,6 @@ def main(argv: Optional[Sequence[str]] = None):
         write_fvs_scene(args.out_dir, n_views=args.n_views, **size)
     else:
         write_dtu_scene(args.out_dir, n_views=args.n_views, **size)
-    print(f'Wrote a {args.format} scene to {args.out_dir}')
 
 
 if __name__ == '__main__':

@@ -176,11 +176,14 @@ def test_raw_scene_loads_in_rawnerf_mode(raw_scene):
     assert te.images.shape == (2, 6, 8, 3)
 
 
-def test_raw_scene_rejects_sizes_libraw_cannot_read(tmp_path):
-    with pytest.raises(ValueError, match='at least 22'):
+def test_raw_scene_rejects_sizes_libraw_cannot_read(tmp_path, capsys):
+    with pytest.raises(synthetic.SyntheticSceneError, match='16 x 24.*at least 22'):
         synthetic.write_raw_scene(str(tmp_path), width=16, height=24)
-    with pytest.raises(ValueError, match='even'):
+    with pytest.raises(synthetic.SyntheticSceneError, match='even'):
         synthetic.write_raw_scene(str(tmp_path), width=33, height=24)
+    with pytest.raises(SystemExit):  # The CLI says it in one line.
+        synthetic.main([str(tmp_path), '--format', 'raw', '--width', '16'])
+    assert 'at least 22 pixels' in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------
