@@ -15,8 +15,13 @@ Writers:
   `write_nerfpp_scene`: Tanks and Temples as processed by NeRF++ (`{split}/{pose,intrinsics,rgb}/`).
   `write_fvs_scene`: Tanks and Temples as processed by Free View Synthesis (`dense/ibr3d_pw_*/`, Ks/Rs/ts.npy).
   `write_dtu_scene`: DTU (`Rectified/<scan>/rect_XXX_{light}_r5000.png` + `cal18/pos_XXX.txt`).
-CLI: `python -m mipnerf360.synthetic OUT --format colmap|blender|llff|nerfpp|fvs|dtu
-[--n_views 24 --width 64 --height 48]`.
+Scenes for the methods past mip-NeRF 360 (each returns its ground truth):
+  `write_shiny_blender_scene` (Ref-NeRF): mirror / glossy objects reflecting an environment map, normal maps.
+  `write_raw_scene` (RawNeRF): linear HDR renders as Bayer DNGs with exiftool JSON, several exposures.
+  `write_distractor_scene` (RobustNeRF): COLMAP scene with transient distractors in some training views.
+  `write_appearance_scene` (GLO): COLMAP scene with per-view exposure and white balance.
+CLI: `python -m mipnerf360.synthetic OUT --format colmap|blender|llff|nerfpp|fvs|dtu|shiny_blender|raw|
+distractors|appearance [--n_views 24 --width 64 --height 48]`.
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scene description.
+
+class SyntheticSceneError(ValueError):
+    """Scene parameters that a generator cannot write (the message names the parameter and the fix)."""
+
 
 LOOKAT = np.array([0., 0., 0.4])  # Point the camera rings look at.
 BACKGROUND_RADIUS = 12.  # Radius of the enclosing background sphere (centred at the origin).
@@ -298,6 +307,19 @@ def project(points: np.ndarray, camtoworld: np.ndarray, pixtocam: np.ndarray,
     return uv[:, :2]
 
 
+def subpixel_rays(camtoworld: np.ndarray, pixtocam: np.ndarray, width: int, height: int, supersample: int = 1,
+                  distortion: Optional[Dict[str, float]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Rays `[H * W * s * s, 3]` through an s x s grid of sub-pixel positions of every pixel (row-major pixels,
+    then sub-samples; s = 1 gives the pixel centres)."""
+    s = max(int(supersample), 1)
+    offs = (np.arange(s) + 0.5) / s
+    yy, xx = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
+    ox, oy = np.meshgrid(offs, offs, indexing='xy')
+    px = (xx[..., None] + ox.reshape(-1)).reshape(-1)
+    py = (yy[..., None] + oy.reshape(-1)).reshape(-1)
+    return pixel_rays(camtoworld, pixtocam, px, py, distortion)
+
+
 def render_view(camtoworld: np.ndarray, pixtocam: np.ndarray, width: int, height: int,
                 supersample: int = 2, distortion: Optional[Dict[str, float]] = None,
                 ground: bool = True, background: bool = True, return_alpha: bool = False, is_K: bool = False):
@@ -318,12 +340,7 @@ def render_view(camtoworld: np.ndarray, pixtocam: np.ndarray, width: int, height
     if is_K:
         pixtocam = np.linalg.inv(pixtocam)
     s = max(int(supersample), 1)
-    offs = (np.arange(s) + 0.5) / s
-    yy, xx = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
-    ox, oy = np.meshgrid(offs, offs, indexing='xy')
-    px = (xx[..., None] + ox.reshape(-1)).reshape(-1)
-    py = (yy[..., None] + oy.reshape(-1)).reshape(-1)
-    o, d = pixel_rays(camtoworld, pixtocam, px, py, distortion)
+    o, d = subpixel_rays(camtoworld, pixtocam, width, height, s, distortion)
     rgb, alpha, _ = trace(o, d, ground=ground, background=background)
     rgb = rgb.reshape(height, width, s * s, 3).mean(2)
     alpha = alpha.reshape(height, width, s * s).mean(2)
@@ -394,7 +411,8 @@ def write_colmap_scene(out_dir: str, n_views: int = 24, width: int = 64, height:
                        factors: Sequence[int] = (2, 4), seed: int = 0, camera_model: str = 'PINHOLE',
                        distortion: Optional[Dict[str, float]] = None, multi_camera: bool = False,
                        focal: Optional[float] = None, supersample: int = 2, write_points: bool = True,
-                       image_ext: str = 'png', radius: float = 3.0) -> SceneInfo:
+                       image_ext: str = 'png', radius: float = 3.0,
+                       render_fn: Optional[Callable[..., np.ndarray]] = None) -> SceneInfo:
     """Writes a mip-NeRF 360 style scene: `images/`, `images_{f}/` for f in `factors`, `sparse/0/*.txt`.
 
     Args:
@@ -403,6 +421,8 @@ def write_colmap_scene(out_dir: str, n_views: int = 24, width: int = 64, height:
         multi_camera: every odd image comes from a second camera with another size and focal length (and no
             distortion: its coefficients are written as zeros).
         seed: jitters the camera ring and shuffles the COLMAP image ids (so that name order != id order).
+        render_fn: `render_fn(i, camtoworld, pixtocam, width, height, distortion) -> rgb [H, W, 3]` in [0, 1]
+            renders image i instead of `render_view` (the scene variants below use it).
     Returns:
         SceneInfo with the ground-truth poses and intrinsics, in sorted-name order.
     """
@@ -437,7 +457,10 @@ def write_colmap_scene(out_dir: str, n_views: int = 24, width: int = 64, height:
     for i in range(n_views):
         w, h, K = cams[camera_ids[i]]
         dist_i = distortion if camera_ids[i] == 1 else None  # The second camera is never distorted.
-        rgb = render_view(poses[i], np.linalg.inv(K), w, h, supersample=supersample, distortion=dist_i)
+        if render_fn is None:
+            rgb = render_view(poses[i], np.linalg.inv(K), w, h, supersample=supersample, distortion=dist_i)
+        else:
+            rgb = render_fn(i, poses[i], np.linalg.inv(K), w, h, dist_i)
         u8 = _to_u8(rgb)
         Image.fromarray(u8).save(os.path.join(img_dir, names[i]))
         for f in factors:
@@ -488,11 +511,26 @@ def write_blender_scene(out_dir: str, n_train: int = 16, n_val: int = 4, n_test:
     Cameras sit on the upper hemisphere at distance `radius` from the origin, looking at it. Returns the
     written json dicts by split (frames' `transform_matrix` are 4x4 OpenGL camera-to-worlds).
     """
+    def render_rgba(split, i, c2w, pixtocam, fprefix):
+        rgb, alpha = render_view(c2w, pixtocam, width, height, supersample=supersample, ground=False,
+                                 background=False, return_alpha=True)
+        return np.concatenate([rgb, alpha[..., None]], -1)
+
+    return _write_blender_splits(out_dir, {'train': n_train, 'val': n_val, 'test': n_test}, width, height,
+                                 camera_angle_x, radius, seed, render_rgba)
+
+
+def _write_blender_splits(out_dir: str, split_sizes: Dict[str, int], width: int, height: int,
+                          camera_angle_x: float, radius: float, seed: int,
+                          render_rgba: Callable[..., np.ndarray]) -> Dict[str, Dict]:
+    """The NeRF-synthetic layout: per split, cameras on the upper hemisphere looking at the origin, the RGBA
+    PNGs `render_rgba(split, i, camtoworld, pixtocam, fprefix) -> [H, W, 4]` (it may write more files next to
+    `fprefix`, the frame's path without extension) and `transforms_{split}.json`. Returns the json dicts."""
     rng = np.random.default_rng(seed)
     focal = 0.5 * width / np.tan(0.5 * camera_angle_x)
     pixtocam = np.linalg.inv(intrinsics(focal, width, height))
     out = {}
-    for split, n in (('train', n_train), ('val', n_val), ('test', n_test)):
+    for split, n in split_sizes.items():
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
         theta = rng.uniform(0, 2 * np.pi, n)
         elev = rng.uniform(0.15, 1.2, n)
@@ -500,10 +538,8 @@ def write_blender_scene(out_dir: str, n_train: int = 16, n_val: int = 4, n_test:
         frames = []
         for i in range(n):
             c2w = look_at(pos[i], target=np.zeros(3))
-            rgb, alpha = render_view(c2w, pixtocam, width, height, supersample=supersample, ground=False,
-                                     background=False, return_alpha=True)
-            rgba = np.concatenate([rgb, alpha[..., None]], -1)
             fname = f'{split}/r_{i}'
+            rgba = render_rgba(split, i, c2w, pixtocam, os.path.join(out_dir, fname))
             Image.fromarray(_to_u8(rgba), 'RGBA').save(os.path.join(out_dir, fname + '.png'))
             frames.append({'file_path': './' + fname, 'rotation': 0.0,
                            'transform_matrix': np.concatenate([c2w, [[0, 0, 0, 1.]]]).tolist()})
@@ -715,7 +751,7 @@ def write_llff_scene(out_dir: str, n_views: int = 12, width: int = 48, height: i
     poses = forward_facing_poses(n_views, seed=seed)
     focal = 1.1 * width
     K = intrinsics(focal, width, height)
-    rows, bounds, names = [], [], []
+    names = []
     for i in range(n_views):
         name = f'view_{i:03d}.{image_ext}'
         rgb = render_view(poses[i], np.linalg.inv(K), width, height, supersample=supersample)
@@ -724,23 +760,421 @@ def write_llff_scene(out_dir: str, n_views: int = 12, width: int = 48, height: i
         for f in factors:
             Image.fromarray(u8).resize(downsampled_size(width, height, f), Image.BOX).save(
                     os.path.join(out_dir, f'images_{f}', name))
-        b = depth_bounds(poses[i], np.linalg.inv(K), width, height)
-        rows.append(np.concatenate([camtoworld_to_llff(poses[i], height, width, focal).reshape(-1), b]))
-        bounds.append(b)
         names.append(name)
-    np.save(os.path.join(out_dir, 'poses_bounds.npy'), np.stack(rows))
+    bounds = _write_poses_bounds(out_dir, poses, focal, width, height)
     info = SceneInfo(names=names, camtoworlds=poses, pixtocams=np.repeat(np.linalg.inv(K)[None], n_views, 0),
                      sizes=[(width, height)] * n_views, camera_ids=[1] * n_views,
                      image_ids=list(range(1, n_views + 1)))
-    return info, np.stack(bounds)
+    return info, bounds
+
+
+def _write_poses_bounds(out_dir: str, poses: np.ndarray, focal: float, width: int, height: int) -> np.ndarray:
+    """Writes `poses_bounds.npy` (rows: flattened `camtoworld_to_llff` `[3, 5]`, then `depth_bounds`) for
+    cameras with a shared focal length and centred principal point. Returns the bounds `[N, 2]`."""
+    pixtocam = np.linalg.inv(intrinsics(focal, width, height))
+    bounds = np.stack([depth_bounds(c2w, pixtocam, width, height) for c2w in poses])
+    rows = [np.concatenate([camtoworld_to_llff(c2w, height, width, focal).reshape(-1), b])
+            for c2w, b in zip(poses, bounds)]
+    np.save(os.path.join(out_dir, 'poses_bounds.npy'), np.stack(rows))
+    return bounds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scenes for the methods past mip-NeRF 360: Ref-NeRF (shiny objects), RawNeRF (raw HDR captures), RobustNeRF
+# (transient distractors) and GLO (per-view appearance).
+
+# Shiny objects (Ref-NeRF): centre, radius, material. Mirror: tinted perfect reflection. Glossy: diffuse plus
+# a Schlick-Fresnel weighted reflection. The pedestal box is glossy too. Everything reflects the others (up to
+# `SHINY_BOUNCES` bounces) and the environment map `_background`.
+SHINY_SPHERES = (
+    (np.array([-0.5, -0.15, 0.05]), 0.55, 'mirror'),
+    (np.array([0.6, 0.3, -0.05]), 0.45, 'glossy'),
+)
+SHINY_BOX = (np.array([-1.2, -0.9, -0.8]), np.array([1.2, 0.9, -0.5]))
+SHINY_BOUNCES = 2
+MIRROR_TINT = np.array([0.92, 0.92, 0.95])
+GLOSSY_ALBEDO = np.array([0.75, 0.18, 0.12])
+
+
+def _shiny_hits(o: np.ndarray, d: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest hit of rays `[n, 3]` with the shiny objects: t `[n]` (inf where missed), object index `[n]`
+    (-1 none, i < len(SHINY_SPHERES) a sphere, len(SHINY_SPHERES) the box) and unit outward normals `[n, 3]`."""
+    best_t, kind = np.full(len(o), np.inf), np.full(len(o), -1)
+    for i, (c, r, _) in enumerate(SHINY_SPHERES):
+        t = _intersect_sphere(o, d, c, r)
+        upd = t < best_t
+        best_t[upd], kind[upd] = t[upd], i
+    t, normal = _intersect_box(o, d, *SHINY_BOX)
+    upd = t < best_t
+    best_t[upd], kind[upd] = t[upd], len(SHINY_SPHERES)
+    p = o + np.where(np.isfinite(best_t), best_t, 0.)[:, None] * d
+    for i, (c, r, _) in enumerate(SHINY_SPHERES):
+        m = kind == i
+        normal[m] = (p[m] - c) / r
+    normal[kind < 0] = 0.
+    return best_t, kind, normal
+
+
+def trace_shiny(origins: np.ndarray, directions: np.ndarray, bounces: int = SHINY_BOUNCES,
+                environment: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ray-traces the shiny scene (objects only).
+
+    Returns rgb `[n, 3]` in [0, 1], alpha `[n]` (1 on an object) and the unit world-space surface normal
+    `[n, 3]` at the hit (zero where missed). Rays that miss see black, or the environment map when
+    `environment` (reflected rays).
+    """
+    o = np.asarray(origins, np.float64)
+    d = np.asarray(directions, np.float64)
+    d = d / np.linalg.norm(d, axis=-1, keepdims=True)
+    t, kind, normal = _shiny_hits(o, d)
+    hit = kind >= 0
+    rgb = np.zeros((len(o), 3))
+    if environment:
+        rgb[~hit] = _background(d[~hit])
+    if not hit.any():
+        return rgb, hit.astype(np.float64), normal
+    p, n, dh = o[hit] + t[hit, None] * d[hit], normal[hit], d[hit]
+    cos = np.clip(-(dh * n).sum(-1, keepdims=True), 0., 1.)
+    refl_dir = dh + 2. * cos * n
+    if bounces > 0:
+        refl = trace_shiny(p + 1e-7 * n, refl_dir, bounces - 1, environment=True)[0]
+    else:
+        refl = _background(refl_dir)
+    fresnel = 0.15 + 0.85 * (1. - cos) ** 5
+    k = kind[hit]
+    out = np.zeros_like(p)
+    m = k == 0
+    out[m] = MIRROR_TINT * refl[m]
+    m = k == 1
+    out[m] = (1. - fresnel[m]) * GLOSSY_ALBEDO * _shade(n[m]) + fresnel[m] * refl[m]
+    m = k == len(SHINY_SPHERES)
+    out[m] = 0.7 * _albedo_box(p[m]) * _shade(n[m]) + 0.25 * refl[m]
+    rgb[hit] = np.clip(out, 0., 1.)
+    return rgb, hit.astype(np.float64), normal
+
+
+def normals_to_png(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """uint8 RGBA `[H, W, 4]` of unit normals `[H, W, 3]` as the shiny-Blender normal maps store them:
+    rgb = (n + 1) / 2, alpha = `mask`. The loaders decode rgb * 2 / 255 - 1."""
+    rgba = np.concatenate([(normals + 1.) / 2., mask[..., None].astype(np.float64)], -1)
+    return _to_u8(rgba)
+
+
+@dataclasses.dataclass
+class ShinySceneInfo:
+    """Ground truth of `write_shiny_blender_scene`."""
+    meta: Dict[str, Dict]  # The transforms_{split}.json contents by split.
+    normals: np.ndarray  # [N_test, H, W, 3] unit world-space normals at the test pixel centres (0 off objects).
+    normal_masks: np.ndarray  # [N_test, H, W] bool: the pixel centre's ray hits an object.
+
+
+def write_shiny_blender_scene(out_dir: str, n_train: int = 16, n_val: int = 2, n_test: int = 4,
+                              width: int = 48, height: int = 48, camera_angle_x: float = 0.6911112070083618,
+                              radius: float = 4.0, seed: int = 0, supersample: int = 2) -> ShinySceneInfo:
+    """Writes Ref-NeRF's shiny-Blender layout: a mirror sphere, a glossy sphere and a glossy pedestal box
+    reflecting each other and an analytic environment map, on a transparent background.
+
+    As the NeRF-synthetic layout (`transforms_{split}.json`, RGBA PNGs `{split}/r_{i}.png`, colour not
+    premultiplied), plus for the test views the normal maps `test/r_{i}_normal.png` that the Blender loader
+    reads with `Config.compute_normal_metrics` (RGBA; see `normals_to_png`), rendered at the pixel centres.
+    """
+    normals, masks = [], []
+
+    def render_rgba(split, i, c2w, pixtocam, fprefix):
+        s = max(int(supersample), 1)
+        rgb, alpha, _ = trace_shiny(*subpixel_rays(c2w, pixtocam, width, height, s))
+        rgb = rgb.reshape(height, width, s * s, 3).mean(2)
+        alpha = alpha.reshape(height, width, s * s).mean(2)
+        rgb = np.where(alpha[..., None] > 0, rgb / np.maximum(alpha, 1e-12)[..., None], 0.)
+        if split == 'test':
+            _, hit, normal = trace_shiny(*subpixel_rays(c2w, pixtocam, width, height, 1), bounces=0)
+            normal, hit = normal.reshape(height, width, 3), hit.reshape(height, width) > 0
+            Image.fromarray(normals_to_png(normal, hit), 'RGBA').save(fprefix + '_normal.png')
+            normals.append(normal)
+            masks.append(hit)
+        return np.concatenate([rgb, alpha[..., None]], -1)
+
+    meta = _write_blender_splits(out_dir, {'train': n_train, 'val': n_val, 'test': n_test}, width, height,
+                                 camera_angle_x, radius, seed, render_rgba)
+    return ShinySceneInfo(meta=meta, normals=np.stack(normals).reshape(-1, height, width, 3),
+                          normal_masks=np.stack(masks).reshape(-1, height, width))
+
+
+# Raw (RawNeRF): the sky is this many times brighter than its sRGB-decoded texture, so that the scene's dynamic
+# range exceeds one exposure.
+RAW_SKY_GAIN = 6.
+
+
+def render_hdr_view(camtoworld: np.ndarray, pixtocam: np.ndarray, width: int, height: int,
+                    supersample: int = 1) -> np.ndarray:
+    """Linear HDR radiance `[H, W, 3]` of the scene: the sRGB-decoded render, the background times
+    `RAW_SKY_GAIN` (values above 1 where the sky is bright)."""
+    rgb, alpha = render_view(camtoworld, pixtocam, width, height, supersample=supersample, return_alpha=True)
+    return _srgb_to_linear(rgb) * (alpha + RAW_SKY_GAIN * (1. - alpha))[..., None]
+
+
+def _srgb_to_linear(x: np.ndarray) -> np.ndarray:
+    from mipnerf360 import image as lib_image  # pylint: disable=import-outside-toplevel
+    return np.asarray(lib_image.srgb_to_linear(np.asarray(x, np.float64), xnp=np))
+
+
+def _linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    from mipnerf360 import image as lib_image  # pylint: disable=import-outside-toplevel
+    return np.asarray(lib_image.linear_to_srgb(np.clip(np.asarray(x, np.float64), 0., 1.), xnp=np))
+
+
+def bayer_mosaic(rgb: np.ndarray) -> np.ndarray:
+    """RGGB mosaic `[H, W]` of an image `[H, W, 3]`: red at (even x, even y), blue at (odd, odd), else green
+    (the pattern of `raw_utils.pixels_to_bayer_mask`)."""
+    h, w = rgb.shape[:2]
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+    channel = np.where((xx % 2 == 0) & (yy % 2 == 0), 0, np.where((xx % 2 == 1) & (yy % 2 == 1), 2, 1))
+    return np.take_along_axis(rgb, channel[..., None], -1)[..., 0]
+
+
+def _write_dng(path: str, mosaic: np.ndarray, black_level: int, white_level: int):
+    """Writes a uint16 RGGB mosaic `[H, W]` as an uncompressed DNG (needs the optional `pidng` package)."""
+    try:
+        from pidng.core import RAW2DNG, DNGTags, Tag  # pylint: disable=import-outside-toplevel
+        from pidng import defs  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError('Writing DNG files needs the optional `pidng` package: pip install "mipnerf360[raw]"'
+                          ) from e
+    h, w = mosaic.shape
+    tags = DNGTags()
+    for tag, value in ((Tag.ImageWidth, w), (Tag.ImageLength, h), (Tag.TileWidth, w), (Tag.TileLength, h),
+                       (Tag.Orientation, defs.Orientation.Horizontal),
+                       (Tag.PhotometricInterpretation, defs.PhotometricInterpretation.Color_Filter_Array),
+                       (Tag.SamplesPerPixel, 1), (Tag.BitsPerSample, 16), (Tag.CFARepeatPatternDim, [2, 2]),
+                       (Tag.CFAPattern, defs.CFAPattern.RGGB), (Tag.BlackLevel, int(black_level)),
+                       (Tag.WhiteLevel, int(white_level)), (Tag.DNGVersion, defs.DNGVersion.V1_4),
+                       (Tag.DNGBackwardVersion, defs.DNGVersion.V1_2), (Tag.Make, 'mipnerf360'),
+                       (Tag.Model, 'synthetic')):
+        tags.set(tag, value)
+    writer = RAW2DNG()
+    writer.options(tags, path='', compress=False)
+    writer.convert(np.ascontiguousarray(mosaic, np.uint16), filename=os.path.splitext(path)[0])
+
+
+@dataclasses.dataclass
+class RawSceneInfo:
+    """Ground truth of `write_raw_scene`."""
+    info: SceneInfo
+    bounds: np.ndarray  # [N, 2] near/far of poses_bounds.npy.
+    radiance: np.ndarray  # [N, H, W, 3] linear HDR renders (`render_hdr_view`).
+    shutter_speeds: np.ndarray  # [N] seconds (1 / ShutterSpeed denominator).
+    exposure_values: np.ndarray  # [N] shutter speed / the longest one.
+    white_balance: np.ndarray  # [3] AsShotNeutral: camera response per channel to the white of linear sRGB.
+    sensor_gain: float  # Sensor value (after black/white level) = clip(gain * shutter_ratio * wb * radiance).
+    black_level: int
+    white_level: int
+    test_scene: bool = False  # View 0 is the HDR+ merged test frame (see `write_raw_scene`).
+
+    def sensor_values(self) -> np.ndarray:
+        """[N, H, W, 3] expected normalised sensor values (before quantisation and mosaicking)."""
+        scale = self.sensor_gain * self.exposure_values[:, None, None, None] * self.white_balance
+        return np.clip(self.radiance * scale, 0., 1.)
+
+    def merged_test_values(self) -> np.ndarray:
+        """[H, W, 3] what the loader returns for the merged test frame of a test scene: view 0's sensor values
+        at the longest shutter, unclipped (HDR)."""
+        return self.radiance[0] * self.sensor_gain * self.white_balance
+
+
+def write_raw_scene(out_dir: str, n_views: int = 12, width: int = 48, height: int = 32,
+                    shutter_denominators: Sequence[int] = (25, 50, 100, 200), iso: int = 100,
+                    white_balance: Sequence[float] = (0.55, 1.0, 0.72), sensor_gain: float = 0.6,
+                    black_level: int = 512, white_level: int = 16383, seed: int = 0, supersample: int = 1,
+                    test_scene: bool = False) -> RawSceneInfo:
+    """Writes a RawNeRF scene: forward-facing views as raw Bayer (RGGB) DNGs with exiftool JSON metadata.
+
+    Layout (what `raw_utils.load_raw_dataset` and the LLFF loader read): `raw/view_{i:03d}.dng` and
+    `raw/view_{i:03d}.json` (`[{...}]`, the exiftool -json keys the loader uses: BlackLevel, WhiteLevel,
+    AsShotNeutral, ColorMatrix2, ShutterSpeed "1/N", ExposureTime, ISO), `images/view_{i:03d}.png` (sRGB
+    previews, which name the posed images) and `poses_bounds.npy`. View i is exposed for
+    1 / `shutter_denominators[i % len]` seconds. The camera's colour space is linear sRGB
+    (ColorMatrix2 = XYZ -> linear sRGB) with white balance `white_balance`, so `cam2rgb = diag(1 / wb)`.
+    Sensor values: `round(black + (white - black) * clip(sensor_gain * shutter / longest * wb * radiance))`.
+
+    With `test_scene`, RawNeRF's test-scene convention: views 1.. go to `raw/train/`; view 0 is the test view,
+    shot as a burst `raw/test/view_000_{k}` (one frame per shutter, longest first) and merged into
+    `hdrplus_test/merged.dng`: the shortest frame, unclipped, with 2 extra fractional bits (values x 4).
+    """
+    if width % 2 or height % 2 or width < 22 or height < 22:
+        raise SyntheticSceneError(f'write_raw_scene: width x height = {width} x {height}; a Bayer DNG needs '
+                                  'even sizes of at least 22 pixels (LibRaw refuses smaller images).')
+    from mipnerf360.raw_utils import _RGB2XYZ  # pylint: disable=import-outside-toplevel
+    raw_dir = os.path.join(out_dir, 'raw')
+    for sub in ((os.path.join(raw_dir, 'train'), os.path.join(raw_dir, 'test'), os.path.join(
+            out_dir, 'hdrplus_test')) if test_scene else (raw_dir,)) + (os.path.join(out_dir, 'images'),):
+        os.makedirs(sub, exist_ok=True)
+    poses = forward_facing_poses(n_views, seed=seed)
+    focal = 1.1 * width
+    pixtocam = np.linalg.inv(intrinsics(focal, width, height))
+    wb = np.asarray(white_balance, np.float64)
+    denominators = np.array([shutter_denominators[i % len(shutter_denominators)] for i in range(n_views)])
+    shutters = 1. / denominators
+    ev = shutters / shutters.max()
+    xyz2cam = ' '.join(repr(float(v)) for v in np.linalg.inv(_RGB2XYZ).reshape(-1))
+    levels = black_level, white_level - black_level
+
+    def write_frame(folder, name, sensor, denominator):
+        mosaic = np.round(levels[0] + levels[1] * bayer_mosaic(sensor))
+        _write_dng(os.path.join(folder, name + '.dng'), mosaic, black_level, white_level)
+        exif = {'SourceFile': f'{name}.dng', 'BlackLevel': int(black_level), 'WhiteLevel': int(white_level),
+                'AsShotNeutral': ' '.join(repr(float(v)) for v in wb), 'ColorMatrix2': xyz2cam,
+                'ShutterSpeed': f'1/{int(denominator)}', 'ExposureTime': 1. / denominator, 'ISO': int(iso),
+                'CFAPattern2': '0 1 1 2'}
+        with open(os.path.join(folder, name + '.json'), 'w') as fp:
+            json.dump([exif], fp, indent=1)
+
+    names, radiance = [], []
+    for i in range(n_views):
+        name = f'view_{i:03d}'
+        hdr = render_hdr_view(poses[i], pixtocam, width, height, supersample=supersample)
+        sensor = np.clip(hdr * sensor_gain * ev[i] * wb, 0., 1.)
+        if not test_scene:
+            write_frame(raw_dir, name, sensor, denominators[i])
+        elif i > 0:
+            write_frame(os.path.join(raw_dir, 'train'), name, sensor, denominators[i])
+        else:
+            burst = sorted(shutter_denominators)
+            for k, den in enumerate(burst):
+                frame = np.clip(hdr * sensor_gain * (burst[0] / den) * wb, 0., 1.)
+                write_frame(os.path.join(raw_dir, 'test'), f'{name}_{k}', frame, den)
+            merged = hdr * sensor_gain * (burst[0] / burst[-1]) * wb
+            if merged.max() > 1:
+                raise SyntheticSceneError(f'write_raw_scene: the merged test frame clips at 1/{burst[-1]} s; '
+                                          f'lower sensor_gain ({sensor_gain}) or add a shorter shutter.')
+            _write_dng(os.path.join(out_dir, 'hdrplus_test', 'merged.dng'),
+                       np.round(4 * (levels[0] + levels[1] * bayer_mosaic(merged))), 4 * black_level,
+                       4 * white_level)
+        _save_rgb(_linear_to_srgb(sensor / wb), os.path.join(out_dir, 'images', name + '.png'))
+        names.append(name + '.png')
+        radiance.append(hdr)
+    bounds = _write_poses_bounds(out_dir, poses, focal, width, height)
+    info = SceneInfo(names=names, camtoworlds=poses, pixtocams=np.repeat(pixtocam[None], n_views, 0),
+                     sizes=[(width, height)] * n_views, camera_ids=[1] * n_views,
+                     image_ids=list(range(1, n_views + 1)))
+    return RawSceneInfo(info=info, bounds=bounds, radiance=np.stack(radiance), shutter_speeds=shutters,
+                        exposure_values=ev, white_balance=wb, sensor_gain=float(sensor_gain),
+                        black_level=int(black_level), white_level=int(white_level), test_scene=test_scene)
+
+
+# Distractors (RobustNeRF): a flat-coloured ball, placed anew in each view that has one.
+DISTRACTOR_COLOUR = np.array([1.0, 0.1, 0.85])
+
+
+@dataclasses.dataclass
+class DistractorSceneInfo:
+    """Ground truth of `write_distractor_scene`, in sorted-name order."""
+    info: SceneInfo
+    clean: np.ndarray  # [N, H, W, 3] the renders without distractors, in [0, 1].
+    coverage: np.ndarray  # [N, H, W] fraction of each pixel covered by the distractor (0 in clean views).
+    ball_centres: np.ndarray  # [N, 3] world-space centre of each view's distractor (nan where none).
+    ball_radius: float
+
+    @property
+    def masks(self) -> np.ndarray:
+        """[N, H, W] bool: the distractor covers some of the pixel."""
+        return self.coverage > 0
+
+
+def write_distractor_scene(out_dir: str, n_views: int = 24, width: int = 64, height: int = 48,
+                           factors: Sequence[int] = (2, 4), distractor_views: float = 0.5,
+                           ball_radius: float = 0.22, llffhold: int = 8, seed: int = 0,
+                           supersample: int = 2) -> DistractorSceneInfo:
+    """Writes a 360 (COLMAP) scene for RobustNeRF: a fraction `distractor_views` of the training views
+    (images i with i % llffhold != 0) shows a transient ball (`DISTRACTOR_COLOUR`, Lambertian shading) at a
+    different place in each, in front of the scene; the test views (i % llffhold == 0) are clean.
+    """
+    rng = np.random.default_rng(seed + 1)
+    train = np.flatnonzero(np.arange(n_views) % llffhold != 0)
+    chosen = rng.choice(train, int(round(distractor_views * len(train))), replace=False)
+    centres = np.full((n_views, 3), np.nan)
+    clean, coverage = [None] * n_views, [None] * n_views
+
+    def render(i, c2w, pixtocam, w, h, distortion):
+        s = max(int(supersample), 1)
+        o, d = subpixel_rays(c2w, pixtocam, w, h, s, distortion)
+        rgb, _, t = trace(o, d)
+        clean[i] = rgb.reshape(h, w, s * s, 3).mean(2)
+        covered = np.zeros(len(o), bool)
+        if i in chosen:
+            # Centre on the ray through a random pixel of the middle of the image, 40-60 % of the way in.
+            px, py = rng.uniform(0.25, 0.75) * w, rng.uniform(0.3, 0.7) * h
+            ray_o, ray_d = pixel_rays(c2w, pixtocam, np.array([px]), np.array([py]), distortion)
+            _, _, t_centre = trace(ray_o, ray_d)
+            centres[i] = ray_o[0] + rng.uniform(0.4, 0.6) * min(t_centre[0], 4.) * ray_d[0]
+            t_ball = _intersect_sphere(o, d, centres[i], ball_radius)
+            covered = t_ball < t
+            normal = (o[covered] + t_ball[covered, None] * d[covered] - centres[i]) / ball_radius
+            rgb[covered] = DISTRACTOR_COLOUR * _shade(normal)
+        coverage[i] = covered.reshape(h, w, s * s).mean(2)
+        return rgb.reshape(h, w, s * s, 3).mean(2)
+
+    info = write_colmap_scene(out_dir, n_views=n_views, width=width, height=height, factors=factors, seed=seed,
+                              supersample=supersample, render_fn=render)
+    return DistractorSceneInfo(info=info, clean=np.stack(clean), coverage=np.stack(coverage),
+                               ball_centres=centres, ball_radius=float(ball_radius))
+
+
+@dataclasses.dataclass
+class AppearanceSceneInfo:
+    """Ground truth of `write_appearance_scene`, in sorted-name order."""
+    info: SceneInfo
+    gains: np.ndarray  # [N, 3] per-view linear RGB gains (exposure times white balance).
+    clean_linear: np.ndarray  # [N, H, W, 3] linear renders before the gains.
+
+
+def write_appearance_scene(out_dir: str, n_views: int = 24, width: int = 64, height: int = 48,
+                           factors: Sequence[int] = (2, 4), exposure_range: Tuple[float, float] = (0.6, 1.5),
+                           white_balance_range: Tuple[float, float] = (0.8, 1.25), seed: int = 0,
+                           supersample: int = 2) -> AppearanceSceneInfo:
+    """Writes a 360 (COLMAP) scene for GLO: every view (test views too) has its own appearance, the linear
+    render times per-channel gains `exposure * (wb_r, 1, wb_b)` (exposure log-uniform in `exposure_range`,
+    wb_r, wb_b in `white_balance_range`), then clipped and sRGB-encoded."""
+    rng = np.random.default_rng(seed + 2)
+    exposure = np.exp(rng.uniform(*np.log(exposure_range), n_views))
+    wb = np.exp(rng.uniform(*np.log(white_balance_range), (n_views, 3)))
+    wb[:, 1] = 1.
+    gains = exposure[:, None] * wb
+    clean = [None] * n_views
+
+    def render(i, c2w, pixtocam, w, h, distortion):
+        clean[i] = _srgb_to_linear(render_view(c2w, pixtocam, w, h, supersample=supersample,
+                                               distortion=distortion))
+        return _linear_to_srgb(clean[i] * gains[i])
+
+    info = write_colmap_scene(out_dir, n_views=n_views, width=width, height=height, factors=factors, seed=seed,
+                              supersample=supersample, render_fn=render)
+    return AppearanceSceneInfo(info=info, gains=gains, clean_linear=np.stack(clean))
+
+
+FORMATS = {
+    'colmap': 'mip-NeRF 360 layout (images/, images_N/, sparse/0 COLMAP text model)',
+    'blender': 'NeRF-synthetic layout (transforms_{split}.json, RGBA PNGs)',
+    'llff': 'LLFF forward-facing layout (poses_bounds.npy)',
+    'nerfpp': 'Tanks and Temples as processed by NeRF++',
+    'fvs': 'Tanks and Temples as processed by Free View Synthesis',
+    'dtu': 'DTU (Rectified/<scan>/, cal18/)',
+    'shiny_blender': "Ref-NeRF's shiny-Blender layout: mirror and glossy objects, test normal maps",
+    'raw': "RawNeRF's layout: Bayer DNGs + exiftool JSON with several exposures, poses_bounds.npy (needs "
+           'pidng)',
+    'distractors': 'COLMAP 360 scene with a transient ball in half the training views (RobustNeRF)',
+    'appearance': 'COLMAP 360 scene with per-view exposure / white balance (GLO)',
+}
 
 
 def main(argv: Optional[Sequence[str]] = None):
-    parser = argparse.ArgumentParser(description='Write a small ray-traced synthetic scene.')
+    parser = argparse.ArgumentParser(description='Write a small ray-traced synthetic scene.',
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog='formats:\n' + '\n'.join(f'  {k:14s} {v}' for k, v in FORMATS.items()))
     parser.add_argument('out_dir')
-    parser.add_argument('--format', choices=['colmap', 'blender', 'llff', 'nerfpp', 'fvs', 'dtu'],
-                        default='colmap')
-    parser.add_argument('--n_views', type=int, default=24, help='views (colmap) / training views (blender)')
+    parser.add_argument('--format', choices=list(FORMATS), default='colmap', help='dataset layout (see below)')
+    parser.add_argument('--n_views', type=int, default=24,
+                        help='views (colmap, distractors, appearance, raw, ...) / training views (blender, '
+                             'shiny_blender)')
     parser.add_argument('--width', type=int, default=64)
     parser.add_argument('--height', type=int, default=48)
     parser.add_argument('--factors', type=int, nargs='*', default=[2, 4])
@@ -748,27 +1182,37 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--supersample', type=int, default=2)
     args = parser.parse_args(argv)
+    try:
+        _write_format(args)
+    except SyntheticSceneError as e:
+        parser.error(str(e))
+    print(f'Wrote a {args.format} scene to {args.out_dir}')
+
+
+def _write_format(args: argparse.Namespace):
+    size = dict(width=args.width, height=args.height, seed=args.seed, supersample=args.supersample)
     if args.format == 'colmap':
-        write_colmap_scene(args.out_dir, n_views=args.n_views, width=args.width, height=args.height,
-                           factors=args.factors, seed=args.seed, camera_model=args.camera_model,
-                           supersample=args.supersample)
+        write_colmap_scene(args.out_dir, n_views=args.n_views, factors=args.factors,
+                           camera_model=args.camera_model, **size)
     elif args.format == 'blender':
-        write_blender_scene(args.out_dir, n_train=args.n_views, width=args.width, height=args.height,
-                            seed=args.seed, supersample=args.supersample)
+        write_blender_scene(args.out_dir, n_train=args.n_views, **size)
+    elif args.format == 'shiny_blender':
+        write_shiny_blender_scene(args.out_dir, n_train=args.n_views, **size)
     elif args.format == 'llff':
-        write_llff_scene(args.out_dir, n_views=args.n_views, width=args.width, height=args.height,
-                         factors=args.factors, seed=args.seed, supersample=args.supersample)
+        write_llff_scene(args.out_dir, n_views=args.n_views, factors=args.factors, **size)
+    elif args.format == 'raw':
+        write_raw_scene(args.out_dir, n_views=args.n_views, **size)
+    elif args.format == 'distractors':
+        write_distractor_scene(args.out_dir, n_views=args.n_views, factors=args.factors, **size)
+    elif args.format == 'appearance':
+        write_appearance_scene(args.out_dir, n_views=args.n_views, factors=args.factors, **size)
     elif args.format == 'nerfpp':
         n_test = max(args.n_views // 8, 1)
-        write_nerfpp_scene(args.out_dir, n_train=args.n_views - n_test, n_test=n_test, width=args.width,
-                           height=args.height, seed=args.seed, supersample=args.supersample)
+        write_nerfpp_scene(args.out_dir, n_train=args.n_views - n_test, n_test=n_test, **size)
     elif args.format == 'fvs':
-        write_fvs_scene(args.out_dir, n_views=args.n_views, width=args.width, height=args.height,
-                        seed=args.seed, supersample=args.supersample)
+        write_fvs_scene(args.out_dir, n_views=args.n_views, **size)
     else:
-        write_dtu_scene(args.out_dir, n_views=args.n_views, width=args.width, height=args.height,
-                        seed=args.seed, supersample=args.supersample)
-    print(f'Wrote a {args.format} scene to {args.out_dir}')
+        write_dtu_scene(args.out_dir, n_views=args.n_views, **size)
 
 
 if __name__ == '__main__':
