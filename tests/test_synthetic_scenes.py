@@ -1,6 +1,7 @@
 """Tests of the scene generators for Ref-NeRF, RawNeRF, RobustNeRF and GLO (mipnerf360/synthetic.py): the files
 are in each dataset's layout and their values round-trip through the loaders to the generators' ground truth."""
 
+import dataclasses
 import json
 import os
 
@@ -12,9 +13,14 @@ from mipnerf360 import configs, datasets, image as lib_image, synthetic, utils
 
 
 def _load(split, data_dir, **overrides):
-    """The one place the tests go through the public dataset loader."""
+    """The one place the tests go through the public dataset loader: the split's Scene, images as float."""
     overrides.setdefault('batch_size', 64)
-    return datasets.load_dataset(split, data_dir, configs.Config(data_dir=data_dir, **overrides))
+    scene = datasets.load_scene(configs.Config(data_dir=data_dir, **overrides), split)
+    images = scene.images
+    if images is not None:
+        images = [datasets.image_as_float(im) for im in images]
+        images = np.stack(images) if all(im.shape == images[0].shape for im in images) else images
+    return dataclasses.replace(scene, images=images)
 
 
 def _u8(x):
