@@ -111,6 +111,7 @@ def train_tiny(scene: str, steps: int = TRAIN_STEPS):
     """Trains the tiny model on `scene` (COLMAP layout with images_4); returns a dict with the model, config and
     the train / test datasets (shared by tests/test_colmap_binary.py)."""
     import gin
+    gin.clear_config()  # Unlocks a config that an in-process CLI run (tests/test_cli.py) left finalized.
     try:
         config = configs.load_config(save_config=False, gin_configs=['configs/360.gin'],
                                      gin_bindings=[f"Config.data_dir = '{scene}'", f'Config.max_steps = {steps}']
