@@ -119,12 +119,15 @@ def test_forward_pass_matches_the_reference(converted):
     rays, ref = _reference_rays()
     model.eval()
     with torch.no_grad():
-        renderings, _ = model(None, rays, train_frac=float(ref['train_frac']), compute_extras=True)
-    assert len(renderings) == 3
+        renderings, ray_history = model(None, rays, train_frac=float(ref['train_frac']), compute_extras=True)
+    assert len(renderings) == len(ray_history) == 3
+    for level, history in enumerate(ray_history):  # Proposal levels too: the shared PropMLP's weights.
+        for key in ['sdist', 'weights']:
+            np.testing.assert_allclose(history[key].numpy(), ref[f'level{level}_{key}'], rtol=0, atol=1e-5,
+                                       err_msg=f'level {level} {key}')
     # Statistics that fall in the last interval (distance_mean, the 95th percentile, level 0's median) are left
     # out: its far end t = 1 / (s / far + (1 - s) / near) with far = 1e6 is ill-conditioned at s one float32 ulp
-    # below 1 (a 1-ulp change of s moves t by ~20%), and s there differs from JAX's by that ulp. The weights and
-    # s themselves agree to ~1e-6.
+    # below 1 (a 1-ulp change of s moves t by ~20%), and s there differs from JAX's by that ulp (checked above).
     checked = 0
     for level, r in enumerate(renderings):
         keys = ['acc', 'distance_percentile_5'] + (['distance_median'] if level > 0 else [])
