@@ -166,7 +166,8 @@ def test_convert_then_eval_reproduces_reference_metrics(tmp_path):
 
 
 def test_training_resumes_from_converted_checkpoint(tmp_path, converted):
-    config, _, state = converted
+    _, _, state = converted
+    config = _config()  # Other tests may have parsed other bindings since the fixture was built.
     checkpoints.save_checkpoint(str(tmp_path), state, state['step'])
     model = models.construct_model(config=config, seed=123)  # Other initial weights: the restore must win.
     optimizer, lr_fn = train_utils.create_optimizer(config, model)
