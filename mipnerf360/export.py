@@ -277,11 +277,12 @@ def point_cloud(views: Sequence[DepthView], min_acc: float = 0.9, bbox: Optional
                        normals=np.concatenate([c.normals for c in clouds]) if with_normals else None)
     if not len(cloud.points):
         raise ExportError(f'No pixel has opacity >= --min_acc = {min_acc} with its surface inside the box '
-                          f'{_box_str(bbox)}; lower --min_acc or widen --bbox.')
+                          f'{format_bbox(bbox)}; lower --min_acc or widen --bbox.')
     return voxel_downsample(cloud, voxel_size) if voxel_size else cloud
 
 
-def _box_str(bbox: Optional[BBox]) -> str:
+def format_bbox(bbox: Optional[BBox]) -> str:
+    """'x0,y0,z0,x1,y1,z1' (the --bbox syntax)."""
     if bbox is None:
         return '(none)'
     return ','.join(f'{v:.4g}' for v in np.concatenate(bbox))
@@ -362,6 +363,15 @@ def _view_on_device(view: DepthView, min_acc: float, device: torch.device) -> Di
             'distortion': view.distortion, 'camtype': view.camtype}
 
 
+def require_skimage():
+    """ExportError unless scikit-image (marching cubes) is installed."""
+    try:
+        import skimage  # pylint: disable=import-outside-toplevel,unused-import  # noqa: F401
+    except ImportError:
+        raise ExportError("Mesh export needs scikit-image for marching cubes; pip install 'mipnerf360[export]' "
+                          '(or scikit-image).') from None
+
+
 def _marching_cubes(volume: np.ndarray, level: float, grid: Grid, observed: Optional[np.ndarray] = None):
     """Vertices (world), faces and outward normals of the `level` set of `volume` (negative inside).
 
@@ -369,6 +379,7 @@ def _marching_cubes(volume: np.ndarray, level: float, grid: Grid, observed: Opti
     faces: they are the boundary of what was seen, not a surface (scikit-image's own `mask` keeps cubes with
     some unobserved corners).
     """
+    require_skimage()
     from skimage import measure  # pylint: disable=import-outside-toplevel
     if not (volume.min() < level < volume.max()):
         raise ExportError(f'The field does not cross the level {level} inside the box (values '
@@ -448,7 +459,7 @@ def mesh_from_density(mlp: torch.nn.Module, bbox: BBox, resolution: int = 256, t
     grid, density = density_grid(mlp, bbox, resolution, chunk, progress)
     if not density.min() < threshold < density.max():
         raise ExportError(f'The density in the box ranges over {density.min():.3g}..{density.max():.3g} and never '
-                          f'crosses --density_threshold = {threshold}; set it inside that range (e.g. '
+                          f'crosses --density_threshold = {threshold:g}; set it inside that range (e.g. '
                           f'{float(np.percentile(density, 99)):.3g}) or change --bbox.')
     vertices, faces, normals = _marching_cubes(-density, -float(threshold), grid)
     return Mesh(vertices=vertices, faces=faces, colors=mlp_colors(mlp, vertices, normals, grid.h, chunk),

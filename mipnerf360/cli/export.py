@@ -14,6 +14,7 @@ the result is written in the input data's frame (--frame input, e.g. COLMAP's) o
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 from absl import flags
@@ -67,9 +68,9 @@ def _output_path() -> str:
     return path
 
 
-def _bbox(scene) -> export.BBox:
+def _user_bbox() -> Optional[export.BBox]:
     if flags.FLAGS.bbox is None:
-        return export.default_bbox(scene.camtoworlds)
+        return None
     try:
         values = [float(v) for v in flags.FLAGS.bbox]
     except ValueError:
@@ -85,15 +86,21 @@ def main(argv):
     common.require_checkpoint(config)
     output = _output_path()
     export.check_min_acc(f.min_acc)
+    if f.voxel_size < 0:
+        raise export.ExportError(f'--voxel_size = {f.voxel_size} must be positive (or 0 to keep every point).')
+    bbox = _user_bbox()
+    if mode == 'mesh':
+        export.require_skimage()
     device = common.get_device(config)
     scene = datasets.load_scene(config, 'train')
-    bbox = _bbox(scene)
+    if bbox is None:
+        bbox = export.default_bbox(scene.camtoworlds)
     grid = export.Grid.over(bbox, f.resolution)
     model = models.construct_model(config=config, device=device)
     step = common.restore_model(model, config, device)
     model.eval()
     train_frac = float(np.clip(step / config.max_steps, 0, 1))
-    print(f'Exporting {mode} from step {step}; box {export._box_str(bbox)} (normalised frame).', flush=True)
+    print(f'Exporting {mode} from step {step}; box {export.format_bbox(bbox)} (normalised frame).', flush=True)
     transform = export.frame_transform(scene.world_transform, f.frame)
     chunk = {} if f.export_chunk is None else {'chunk': f.export_chunk}
     if mode == 'mesh' and f.method == 'density':
