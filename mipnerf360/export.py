@@ -23,7 +23,8 @@ Methods:
       the MLP's warp (the scene contraction), as the model queries its samples.
 
 Memory: grids are processed in chunks of voxels on the device and kept on the host (a 512^3 TSDF grid needs
-about 1.5 GB of host memory, the density grid 0.5 GB); the views' distance maps and colours stay on the device.
+about 1.5 GB of host memory, the density grid 0.5 GB); views are rendered one at a time, and the TSDF keeps each
+view's distance map and 8-bit colours on the device (5 bytes per pixel).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -183,15 +184,15 @@ def transform_mesh(mesh: Mesh, transform: np.ndarray) -> Mesh:
 
 
 def render_views(model: torch.nn.Module, sampler: Any, config: Any, train_frac: float = 1.,
-                 progress: bool = True) -> List[DepthView]:
-    """Renders every image of `sampler` (a `datasets.RaySampler`, usually of the training split) with
-    `models.render_image`: rgb, acc, distance_median (and normals when the model predicts them)."""
+                 progress: bool = True) -> Iterator[DepthView]:
+    """Renders the images of `sampler` (a `datasets.RaySampler`, usually of the training split) one at a time
+    with `models.render_image`: rgb, acc, distance_median (and normals when the model predicts them). A
+    generator, so that `point_cloud` and `tsdf_fusion` hold one view on the host at a time."""
     scene = sampler.scene
     if scene.pixtocam_ndc is not None:
         raise ExportError('Export does not support NDC scenes (Config.forward_facing = True): their model lives '
                           'in NDC space; train without forward_facing to export geometry.')
     render_fn = functools.partial(model, train_frac=train_frac, compute_extras=True)
-    views = []
     was_training = model.training
     model.eval()
     try:
@@ -199,21 +200,20 @@ def render_views(model: torch.nn.Module, sampler: Any, config: Any, train_frac: 
             rays = sampler.generate_ray_batch(i).rays
             out = models.render_image(render_fn, rays, None, config)
             normals = out.get('normals_pred', out.get('normals'))
-            views.append(DepthView(
+            yield DepthView(
                 origins=rays.origins.cpu().numpy(), directions=rays.directions.cpu().numpy(),
                 distance=out['distance_median'].numpy(), rgb=out['rgb'].numpy(), acc=out['acc'].numpy(),
                 normals=None if normals is None else normals.numpy(),
                 camtoworld=np.asarray(scene.camtoworlds[i]), pixtocam=np.asarray(scene.pixtocams[i]),
-                distortion=_camera_distortion(scene.distortion_params, i), camtype=scene.camtype))
+                distortion=_camera_distortion(scene.distortion_params, i), camtype=scene.camtype)
     finally:
         model.train(was_training)
-    return views
 
 
 def _camera_distortion(params: Optional[Dict[str, Any]], i: int) -> Optional[Dict[str, float]]:
     if params is None:
         return None
-    return {k: float(np.broadcast_to(v, (i + 1,))[i]) if np.ndim(v) else float(v) for k, v in params.items()}
+    return {k: float(np.asarray(v).reshape(-1)[i]) if np.ndim(v) else float(v) for k, v in params.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def voxel_downsample(cloud: PointCloud, voxel_size: float) -> PointCloud:
                       normals=normals)
 
 
-def point_cloud(views: Sequence[DepthView], min_acc: float = 0.9, bbox: Optional[BBox] = None,
+def point_cloud(views: Iterable[DepthView], min_acc: float = 0.9, bbox: Optional[BBox] = None,
                 voxel_size: Optional[float] = None) -> PointCloud:
     """The back-projected points of all `views` (see `backproject`), voxel-downsampled when `voxel_size`."""
     check_min_acc(min_acc)
@@ -300,7 +300,7 @@ class TSDFVolume:
     colors: np.ndarray  # shape + (3,) uint8, fused colour of voxels near the surface
 
 
-def tsdf_fusion(views: Sequence[DepthView], bbox: BBox, resolution: int = 256, trunc: Optional[float] = None,
+def tsdf_fusion(views: Iterable[DepthView], bbox: BBox, resolution: int = 256, trunc: Optional[float] = None,
                 min_acc: float = 0.9, device: Any = 'cpu', chunk: int = 1 << 20,
                 progress: bool = True) -> TSDFVolume:
     """Fuses the views' depth into a truncated signed distance grid over `bbox`.
@@ -342,24 +342,25 @@ def tsdf_fusion(views: Sequence[DepthView], bbox: BBox, resolution: int = 256, t
             t_sum += torch.where(ok, torch.clamp(sdf / trunc, max=1.), torch.zeros_like(sdf))
             w_sum += ok.float()
             near = (ok & (sdf.abs() < trunc)).float()
-            c_sum += near[:, None] * v['rgb'].reshape(-1, 3)[flat]
+            c_sum += near[:, None] * v['rgb'].reshape(-1, 3)[flat].float()
             cw_sum += near
         seen = w_sum > 0
         tsdf[start:stop] = torch.where(seen, t_sum / w_sum.clamp(min=1), torch.ones_like(t_sum)).cpu().numpy()
         weight[start:stop] = w_sum.cpu().numpy()
-        colors[start:stop] = torch.round(255 * c_sum / cw_sum.clamp(min=1)[:, None]).clamp(0, 255).to(
+        colors[start:stop] = torch.round(c_sum / cw_sum.clamp(min=1)[:, None]).clamp(0, 255).to(
             torch.uint8).cpu().numpy()
     return TSDFVolume(grid=grid, tsdf=tsdf.reshape(grid.shape), weight=weight.reshape(grid.shape),
                       colors=colors.reshape(grid.shape + (3,)))
 
 
 def _view_on_device(view: DepthView, min_acc: float, device: torch.device) -> Dict[str, Any]:
-    """What fusion needs of a view, on `device`: the Euclidean range t |d| per pixel (NaN where invalid)."""
+    """What fusion needs of a view, on `device`: the Euclidean range t |d| per pixel (NaN where invalid) and
+    the 8-bit colours (5 bytes per pixel in all)."""
     rng = view.distance * np.linalg.norm(view.directions, axis=-1)
     rng = np.where(view.valid(min_acc), rng, np.nan)
     f32 = lambda x: torch.as_tensor(np.asarray(x, np.float32), device=device)  # noqa: E731
-    return {'range': f32(rng), 'rgb': f32(np.clip(view.rgb, 0., 1.)), 'origin': f32(view.camtoworld[:3, 3]),
-            'pixtocam': f32(view.pixtocam), 'camtoworld': f32(view.camtoworld[:3, :4]),
+    return {'range': f32(rng), 'rgb': torch.as_tensor(_to_u8(view.rgb), device=device),
+            'origin': f32(view.camtoworld[:3, 3]), 'pixtocam': f32(view.pixtocam), 'camtoworld': f32(view.camtoworld[:3, :4]),
             'distortion': view.distortion, 'camtype': view.camtype}
 
 
