@@ -514,5 +514,6 @@ def write_mesh(path: str, mesh: Mesh):
 
 
 if __name__ == '__main__':
-    from mipnerf360.cli.export import run  # pylint: disable=import-outside-toplevel
-    run()
+    from mipnerf360.cli import export as _cli  # pylint: disable=import-outside-toplevel
+    __doc__ = _cli.__doc__  # What --help prints: the command's usage.
+    _cli.run()
