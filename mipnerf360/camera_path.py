@@ -36,6 +36,7 @@ import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
+import gin
 import numpy as np
 
 from mipnerf360 import camera_utils
@@ -287,6 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name == 'from-images':
             p.add_argument('--names', required=True, help='image file names, comma-separated, in path order')
     args = parser.parse_args(argv)
+    gin.clear_config()  # Allows several runs in one process; a no-op in a fresh one.
     try:
         config = configs.load_config(save_config=False, gin_configs=args.gin_configs,
                                      gin_bindings=args.gin_bindings)

@@ -22,12 +22,16 @@ from scenes import load
 from test_cli_faults import _flags, _run, setup  # noqa: F401  pylint: disable=unused-import
 
 
-def _export(argv):
+@pytest.fixture(autouse=True)
+def _no_gin_state():
+    """Each test starts and ends with no gin bindings (the CLIs parse theirs; Config() would pick them up)."""
     gin.clear_config()
-    try:
-        return camera_path.main(argv)
-    finally:
-        gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def _export(argv):
+    return camera_path.main(argv)
 
 
 def _inverse_map(transform, origins, directions):
@@ -70,7 +74,6 @@ def test_export_then_load_is_exact(colmap_scene, tmp_path, kw, frame):
         gin.clear_config()
         assert configs.load_config(save_config=False, gin_configs=[], gin_bindings=base + extra).render_video_fps \
             == fps
-    gin.clear_config()
 
 
 def test_from_images_path_passes_through_the_chosen_views(colmap_scene, tmp_path):
@@ -207,6 +210,8 @@ def test_valid_path_reads_as_written(tmp_path):
     focal = 3. / np.tan(np.radians([25., 15.]))
     np.testing.assert_allclose(cpath.pixtocams(), [np.linalg.inv([[f, 0, 4], [0, f, 3], [0, 0, 1]]) for f in focal],
                                rtol=1e-12)
+    # Another render size (Config.render_resolution) keeps the vertical field of view.
+    np.testing.assert_allclose(1. / cpath.pixtocams(16, 12)[:, 1, 1], 2. * focal, rtol=1e-12)
     # A similarity moves the centres by its scale and rotation and keeps the camera rotations rigid.
     rot = np.array([[0., -1, 0], [1, 0, 0], [0, 0, 1]])
     sim = np.eye(4)
