@@ -245,3 +245,16 @@ def test_render_cli_renders_a_json_path_at_its_size_and_fps(setup, tmp_path, cap
     n = sum(1 for _ in reader)
     assert meta['fps'] == 7 and meta['size'] == (20, 14) and n == 3
     assert 'rendered in' in capsys.readouterr().out
+
+
+def test_from_nerfstudio_frame_undoes_the_dataparser_transform():
+    """nerfstudio's world = scale * (transform @ [input, 1]) (dataparser_transforms.json); the helper inverts it."""
+    rng = np.random.default_rng(0)
+    poses = synthetic.ring_poses(4, seed=3)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    transform = np.concatenate([q * np.sign(np.linalg.det(q)), rng.normal(size=(3, 1))], 1)
+    scale = 0.37
+    ns = camera_path.transform_poses(poses, np.diag([scale] * 3 + [1.]) @ np.concatenate([transform, [[0, 0, 0, 1]]]))
+    np.testing.assert_allclose(ns[:, :3, 3], scale * (poses[:, :3, 3] @ transform[:, :3].T + transform[:, 3]),
+                               atol=1e-12)
+    np.testing.assert_allclose(camera_path.from_nerfstudio_frame(ns, transform, scale), poses, atol=1e-12)
