@@ -120,14 +120,18 @@ class Config:
     eval_crop_borders: int = 0  # Ignore c border pixels in eval (x[c:-c, c:-c]).
 
     # Only used by render.py:
-    render_video_fps: int = 60  # Framerate in frames-per-second.
+    # Framerate in frames-per-second; unless bound, a camera_path.json render_path_file's fps (see load_config).
+    render_video_fps: int = 60
     render_video_crf: int = 18  # Constant rate factor for ffmpeg video quality.
     render_path_frames: int = 120  # Number of frames in render path.
     z_variation: float = 0.  # How much height variation in render path.
     z_phase: float = 0.  # Phase offset for height variation in render path.
     render_dist_percentile: float = 0.5  # How much to trim from near/far planes.
     render_dist_curve_fn: Callable[..., Any] = torch.log  # How depth is curved.
-    render_path_file: Optional[str] = None  # Numpy render pose file to load.
+    # Render path file: a .npy of [N, 3, 4] camera-to-worlds in the normalised (dataset) frame, or a nerfstudio
+    # camera_path.json (poses in the input data's world frame unless it says "frame": "normalized"; its size,
+    # fields of view, camera type and fps are used unless the render_* fields are set). mipnerf360.camera_path.
+    render_path_file: Optional[str] = None
     render_job_id: int = 0  # Render job id.
     render_num_jobs: int = 1  # Total number of render jobs.
     render_resolution: Optional[Tuple[int, int]] = None  # Render resolution, as (width, height).
@@ -334,10 +338,27 @@ def load_config(save_config: bool = True, gin_configs=None, gin_bindings=None) -
         from absl import flags
         gin_configs, gin_bindings = flags.FLAGS.gin_configs, flags.FLAGS.gin_bindings
     parse_gin(gin_configs, gin_bindings)
-    config = validate_config(Config())
+    config = _fps_from_camera_path(validate_config(Config()))
     if save_config and config.checkpoint_dir is not None:
         save_config_str(config.checkpoint_dir)
     return config
+
+
+def _fps_from_camera_path(config: Config) -> Config:
+    """`render_video_fps` from a camera_path.json `render_path_file` when the gin config does not bind it."""
+    path = config.render_path_file
+    if not (config.render_path and path and path.lower().endswith('.json') and os.path.isfile(path)):
+        return config
+    try:
+        gin.query_parameter('Config.render_video_fps')
+        return config  # Bound by a gin file or binding: it wins.
+    except ValueError:
+        pass
+    from mipnerf360 import camera_path  # pylint: disable=import-outside-toplevel
+    fps = camera_path.fps_of(path)
+    if fps is None:
+        return config
+    return dataclasses.replace(config, render_video_fps=int(fps) if fps == int(fps) else fps)
 
 
 def save_config_str(checkpoint_dir: str):

@@ -1,8 +1,9 @@
 """`Scene`: what a loader reads from disk (images, cameras, splits, render poses), host-side numpy; `load_scene`.
 
 `load_scene(config, split)` picks the loader named by `Config.dataset_loader` (each a function of the files to a
-`Scene`, one module per layout) and then applies the render-path settings (`Config.render_path_file`,
-`render_resolution`, `render_focal`, `render_camtype`). User errors raise `DatasetError` (a ValueError;
+`Scene`, one module per layout) and then applies the render-path settings (`Config.render_path_file`: a .npy
+of poses or a nerfstudio camera_path.json, see `mipnerf360.camera_path`; `render_resolution`, `render_focal`,
+`render_camtype`). User errors raise `DatasetError` (a ValueError;
 `DatasetNotFoundError` is also a FileNotFoundError) with a one-line message naming the path and the fix.
 """
 
@@ -226,13 +227,19 @@ def check_camera(camtoworld: np.ndarray, pixtocam: Optional[np.ndarray], source:
 # Render paths.
 
 
-def load_render_path_file(path: str) -> np.ndarray:
-    """Camera-to-worlds `[N, 3, 4]` (OpenGL, this dataset's world) from a `.npy` file of `[N, 3, 4]` or
-    `[N, 4, 4]` poses (`Config.render_path_file`)."""
+def load_render_path_file(path: str, world_transform: Optional[np.ndarray] = None) -> np.ndarray:
+    """Camera-to-worlds `[N, 3, 4]` (OpenGL, this dataset's normalised world) from `Config.render_path_file`:
+    a `.npy` file of `[N, 3, 4]` or `[N, 4, 4]` poses (already in the normalised world), or a nerfstudio
+    `camera_path.json` (`mipnerf360.camera_path`), whose poses are in the input data's world frame and are mapped
+    by `world_transform` (unless the file says `"frame": "normalized"`)."""
+    if path.lower().endswith('.json'):
+        from mipnerf360 import camera_path  # pylint: disable=import-outside-toplevel
+        return camera_path.read_camera_path(path).normalized_camtoworlds(
+                np.eye(4) if world_transform is None else world_transform)
     if not os.path.isfile(path):
         raise DatasetNotFoundError(f'Render path file {path} does not exist; set Config.render_path_file to a '
-                                   '.npy file of [N, 3, 4] camera-to-world poses (or None for the automatic '
-                                   'path).')
+                                   '.npy file of [N, 3, 4] camera-to-world poses or a nerfstudio camera_path.json '
+                                   '(or None for the automatic path).')
     try:
         poses = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -247,22 +254,39 @@ def load_render_path_file(path: str) -> np.ndarray:
 
 
 def _apply_render_settings(scene: Scene, config: configs.Config) -> Scene:
-    """The render-path overrides of `Config` (path file, resolution, focal, camera type); drops the images."""
+    """The render-path overrides of `Config` (path file, resolution, focal, camera type); drops the images.
+
+    A camera_path.json gives the poses, the size, the per-frame fields of view and the camera type; the Config's
+    `render_resolution` (the fov is kept), `render_focal` and `render_camtype` override them when set."""
     camtoworlds, render_poses = scene.camtoworlds, scene.render_poses
-    if config.render_path_file is not None:
-        camtoworlds = render_poses = load_render_path_file(config.render_path_file)
     width, height = scene.width, scene.height
-    if config.render_resolution is not None:
-        width, height = config.render_resolution
     focal = scene.focal if config.render_focal is None else config.render_focal
     camtype, spherical = scene.camtype, False
+    cpath = None
+    path_file = config.render_path_file
+    if path_file is not None and path_file.lower().endswith('.json'):
+        from mipnerf360 import camera_path  # pylint: disable=import-outside-toplevel
+        cpath = camera_path.read_camera_path(path_file)
+        camtoworlds = render_poses = cpath.normalized_camtoworlds(scene.world_transform)
+        width, height = cpath.width, cpath.height
+        camtype = camera_utils.ProjectionType.PERSPECTIVE
+        if cpath.camera_type == 'fisheye':
+            camtype = camera_utils.ProjectionType.FISHEYE
+        spherical = cpath.camera_type == 'equirectangular'
+    elif path_file is not None:
+        camtoworlds = render_poses = load_render_path_file(path_file)
+    if config.render_resolution is not None:
+        width, height = config.render_resolution
     if config.render_camtype is not None:
-        if config.render_camtype == 'pano':
-            spherical = True
-        else:
+        spherical = config.render_camtype == 'pano'
+        if not spherical:
             camtype = camera_utils.ProjectionType(config.render_camtype)
     n = camtoworlds.shape[0]
-    pixtocams = np.broadcast_to(camera_utils.get_pixtocam(focal, width, height), (n, 3, 3)).copy()
+    if cpath is not None and config.render_focal is None:
+        pixtocams = cpath.pixtocams(width, height)
+        focal = 1. / pixtocams[0, 0, 0]
+    else:
+        pixtocams = np.broadcast_to(camera_utils.get_pixtocam(focal, width, height), (n, 3, 3)).copy()
     return dataclasses.replace(
             scene, images=None, camtoworlds=np.asarray(camtoworlds)[:, :3, :4], render_poses=render_poses,
             pixtocams=pixtocams, widths=np.full(n, width, dtype=np.int64), heights=np.full(n, height, dtype=np.int64),
