@@ -1,5 +1,7 @@
-"""Generated scenes shared by the dataset tests (test_scene.py, test_sampler.py)."""
+"""Generated scenes shared by the dataset tests (test_scene.py, test_sampler.py), and a gin reset between test
+modules."""
 
+import gin
 import pytest
 
 from mipnerf360 import synthetic
@@ -18,3 +20,12 @@ def multicam_scene(tmp_path_factory):
     info = synthetic.write_colmap_scene(d, n_views=10, width=32, height=24, factors=(2,), multi_camera=True,
                                         camera_model='OPENCV', seed=2)
     return d, info
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _no_gin_state_across_modules():
+    """Every test module starts with no gin bindings and an unlocked config, whatever the module before it (or an
+    in-process CLI run inside it) left behind."""
+    gin.clear_config()
+    yield
+    gin.clear_config()

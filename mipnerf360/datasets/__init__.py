@@ -9,7 +9,7 @@ of (seed, step, rank)) and whole images; `Prefetcher(sampler)` runs it ahead in 
 Render paths: LLFF 360 scenes get `generate_ellipse_path` (or a spline through `Config.render_spline_keyframes`),
 forward-facing scenes `generate_spiral_path`, FVS an ellipse, NeRF++ its `camera_path/`, and, unlike the
 reference, Blender scenes a circular orbit (`generate_orbit_path`) at the test cameras' distance and elevation;
-`Config.render_path_file` (.npy of poses) overrides any of them.
+`Config.render_path_file` (.npy of poses or a nerfstudio camera_path.json) overrides any of them.
 """
 
 from mipnerf360.datasets.blender import generate_orbit_path, load_blender, load_blender_posedata
