@@ -1,6 +1,7 @@
 """User input that used to end in a plain ValueError (a traceback, reported as a bug) is one `error:` line of
 our own types: RawNeRF files (raw_utils), spline keyframes (camera_utils) and loss / optimiser settings the
-model cannot honour (train_utils). Each case runs the real train command in-process on a tiny 32x24 scene."""
+model cannot honour (train_utils). The cases run the real train command in-process on a tiny 32x24 scene, but for
+two checked on the function itself."""
 
 from __future__ import annotations
 
@@ -16,28 +17,13 @@ import pytest
 from mipnerf360 import camera_utils, configs, raw_utils, synthetic
 from mipnerf360.cli import common
 from mipnerf360.cli import train as train_cli
+import test_cli_faults
 
-TINY_GIN = """
-Config.dataset_loader = 'llff'
-Config.factor = 2
-Config.near = 0.2
-Config.far = 100.
+# test_cli_faults' tiny model, for one training step.
+TINY_GIN = test_cli_faults.TINY_GIN + """
 Config.batch_size = 64
 Config.max_steps = 1
 Config.train_render_every = 0
-Config.render_chunk_size = 4096
-Model.num_levels = 2
-Model.num_prop_samples = 8
-Model.num_nerf_samples = 8
-PropMLP.net_depth = 1
-PropMLP.net_width = 16
-PropMLP.basis_shape = 'octahedron'
-PropMLP.basis_subdivisions = 1
-NerfMLP.net_depth = 1
-NerfMLP.net_width = 16
-NerfMLP.bottleneck_width = 8
-NerfMLP.basis_shape = 'octahedron'
-NerfMLP.basis_subdivisions = 1
 """
 
 
