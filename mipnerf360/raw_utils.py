@@ -358,6 +358,11 @@ def load_raw_dataset(split: utils.DataSplit, data_dir: str, image_names: Sequenc
     cam2rgb0 = meta['cam2rgb'][0]
     meta['postprocess_fn'] = lambda z, x=exposure: postprocess_raw(z, cam2rgb0, x)
 
+    height, width = images.shape[1:3]
+    if n_downsample > 1 and (height % n_downsample or width % n_downsample):
+        raise DatasetError(f'The raw images of {image_dir} are {width}x{height}, which Config.factor = '
+                           f'{n_downsample} does not divide; use a factor that divides both sides (or 0).')
+
     def process(im):
         rgb = bilinear_demosaic(torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)), xnp=torch)
         if n_downsample > 1:

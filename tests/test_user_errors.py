@@ -1,7 +1,7 @@
 """User input that used to end in a plain ValueError (a traceback, reported as a bug) is one `error:` line of
 our own types: RawNeRF files (raw_utils), spline keyframes (camera_utils) and loss / optimiser settings the
 model cannot honour (train_utils). The cases run the real train command in-process on a tiny 32x24 scene, but for
-two checked on the function itself."""
+three checked on the function or loader itself."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import gin
 import numpy as np
 import pytest
 
-from mipnerf360 import camera_utils, configs, raw_utils, synthetic
+from mipnerf360 import camera_utils, configs, datasets, raw_utils, synthetic
 from mipnerf360.cli import common
 from mipnerf360.cli import train as train_cli
 import test_cli_faults
@@ -133,6 +133,19 @@ def test_raw_bad_metadata(setup, tmp_path, capsys, monkeypatch, exif, message):
     line = _raw_error(setup, tmp_path, capsys, d)
     assert message.format(raw=raw) in line, line
     assert 'exiftool -json' in line
+
+
+def test_raw_factor_that_does_not_divide_the_raw_size(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(raw_utils, '_import_rawpy', lambda: _FakeRawpy())  # 32x24 raws.
+    d, raw, names = _raw_dir(setup, tmp_path)
+    for n in names:
+        stem = os.path.splitext(n)[0]
+        (raw / f'{stem}.dng').write_bytes(b'')
+        (raw / f'{stem}.json').write_text(json.dumps([_EXIF]))
+    config = configs.Config(data_dir=str(d), rawnerf_mode=True, data_loss_type='rawnerf', factor=5)
+    with pytest.raises(datasets.DatasetError, match=f'The raw images of {raw} are 32x24, which Config.factor = 5 '
+                       'does not divide'):
+        datasets.load_scene(config, 'test', str(d))  # Training reads the raws at full size, the test split not.
 
 
 def test_raw_no_dng_files(tmp_path):
