@@ -5,6 +5,9 @@ else `transforms.json`; else LLFF's `poses_bounds.npy`. 360 scenes are PCA-norma
 
 `images_N` folders whose size differs from the COLMAP size / N by up to one pixel (the official rounded folders)
 are accepted with intrinsics scaled by the actual ratio; larger differences raise.
+
+COLMAP scenes print how many of the photos in `images/` the model registered (`check_registration`); fewer
+than `Config.min_registered_fraction` of them is a DatasetError.
 """
 
 from __future__ import annotations
