@@ -27,6 +27,7 @@ import scipy.interpolate
 import torch
 
 from mipnerf360 import utils
+from mipnerf360.configs import ConfigError
 
 _Array = Union[np.ndarray, torch.Tensor]
 
@@ -410,6 +411,9 @@ def interpolate_1d(x: np.ndarray, n_interp: int, spline_degree: int, smoothness:
     return scipy.interpolate.splev(u, tck)
 
 
+_EXPOSURE_SPLINE_DEGREE = 5
+
+
 def create_render_spline_path(
         config: Any,
         image_names: Union[str, List[str]],
@@ -434,21 +438,25 @@ def create_render_spline_path(
     """
     keyframes_src = config.render_spline_keyframes
     if keyframes_src is None:
-        raise ValueError('create_render_spline_path() needs Config.render_spline_keyframes (a folder of images '
-                         'or a text file of image names); got None.')
+        raise ConfigError('create_render_spline_path() needs Config.render_spline_keyframes (a folder of images '
+                          'or a text file of image names); got None.')
     if utils.isdir(keyframes_src):
         keyframe_names = sorted(utils.listdir(keyframes_src))
     else:
         if not utils.file_exists(keyframes_src):
-            raise FileNotFoundError(f'render_spline_keyframes file {keyframes_src!r} does not exist; give a '
-                                    'folder of keyframe images or a text file with one image name per line.')
+            raise ConfigError(f'Config.render_spline_keyframes = {keyframes_src!r} does not exist; give a folder '
+                              'of keyframe images or a text file with one image name per line.')
         with utils.open_file(keyframes_src, 'r') as fp:
-            keyframe_names = fp.read().splitlines()
+            keyframe_names = [n.strip() for n in fp.read().splitlines() if n.strip()]
     keyframe_set = set(keyframe_names)
-    spline_indices = np.array([i for i, name in enumerate(image_names) if name in keyframe_set])
+    spline_indices = np.array([i for i, name in enumerate(image_names) if name in keyframe_set], dtype=np.int64)
     if spline_indices.size < 2:
-        raise ValueError(f'Only {spline_indices.size} of the names listed in {keyframes_src!r} match dataset '
-                         'images; a spline path needs at least 2 keyframes.')
+        unmatched = sorted(keyframe_set.difference(image_names))[:3]
+        raise ConfigError(
+            f'Config.render_spline_keyframes = {keyframes_src!r} lists {len(keyframe_set)} names, '
+            f'{spline_indices.size} of them dataset images (unmatched e.g. {", ".join(unmatched) or "none"}; '
+            f'dataset images e.g. {", ".join(list(image_names)[:3])}); a spline path needs at least 2 keyframes '
+            'named exactly as the images in DATA_DIR/images.')
     render_poses = generate_interpolated_path(
         poses[spline_indices],
         n_interp=config.render_spline_n_interp,
@@ -458,11 +466,17 @@ def create_render_spline_path(
     render_exposures = None
     if config.render_spline_interpolate_exposure:
         if exposures is None:
-            raise ValueError('config.render_spline_interpolate_exposure is True but create_render_spline_path() '
-                             'was passed exposures=None.')
+            raise ConfigError('Config.render_spline_interpolate_exposure = True needs per-image exposures (EXIF '
+                              'ExposureTime and ISOSpeedRatings in the JPEGs of DATA_DIR/images), which this '
+                              'scene does not have; set it to False.')
+        if spline_indices.size < _EXPOSURE_SPLINE_DEGREE + 1:
+            raise ConfigError(f'Config.render_spline_interpolate_exposure = True needs at least '
+                              f'{_EXPOSURE_SPLINE_DEGREE + 1} keyframes (a degree-{_EXPOSURE_SPLINE_DEGREE} '
+                              f'spline) but Config.render_spline_keyframes = {keyframes_src!r} matches '
+                              f'{spline_indices.size}; list more keyframes or set it to False.')
         # Heavy smoothing of log exposure keeps the video from flickering.
         log_exposure = interpolate_1d(np.log(exposures[spline_indices]), config.render_spline_n_interp,
-                                      spline_degree=5, smoothness=20)
+                                      spline_degree=_EXPOSURE_SPLINE_DEGREE, smoothness=20)
         render_exposures = np.exp(log_exposure)
     return spline_indices, render_poses, render_exposures
 

@@ -53,6 +53,9 @@ class Config:
     render_path: bool = False  # If True, render a path.
     llffhold: int = 8  # Use every Nth image for the test set.
     llff_use_all_images_for_training: bool = False  # If true, use all input images for training.
+    # COLMAP scenes: the fewest of the photos in images/ the model must have registered (0 accepts any). Below
+    # half, the model sees too little of the scene to be useful and the capture or SfM failed: re-pose it.
+    min_registered_fraction: float = 0.5
     use_tiffs: bool = False  # If True, use 32-bit TIFFs. Used only by Blender.
     compute_disp_metrics: bool = False  # If True, load and compute disparity MSE.
     compute_normal_metrics: bool = False  # If True, load and compute normal MAE.
@@ -207,6 +210,7 @@ _RANGES: Dict[str, Tuple[str, Optional[float], Optional[float], bool, bool]] = {
         'charb_padding': _NON_NEGATIVE, 'data_loss_mult': _NON_NEGATIVE, 'data_coarse_loss_mult': _NON_NEGATIVE,
         'interlevel_loss_mult': _NON_NEGATIVE, 'orientation_loss_mult': _NON_NEGATIVE,
         'orientation_coarse_loss_mult': _NON_NEGATIVE, 'robustnerf_inlier_quantile': _FRACTION,
+        'min_registered_fraction': _FRACTION,
         'robustnerf_inner_patch_size': _AT_LEAST_1, 'robustnerf_smoothed_filter_size': _AT_LEAST_1,
         'robustnerf_smoothed_inlier_quantile': _FRACTION, 'robustnerf_inner_patch_inlier_quantile': _FRACTION,
         'predicted_normal_loss_mult': _NON_NEGATIVE, 'predicted_normal_coarse_loss_mult': _NON_NEGATIVE,

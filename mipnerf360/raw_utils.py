@@ -18,6 +18,7 @@ import torch
 
 from mipnerf360 import image as lib_image
 from mipnerf360 import utils
+from mipnerf360.datasets.scene import DatasetError, DatasetNotFoundError
 
 Array = Union[np.ndarray, torch.Tensor]
 Axis = Optional[Union[int, Tuple[int, ...]]]
@@ -40,12 +41,26 @@ def _percentile_torch(x: torch.Tensor, q: float) -> torch.Tensor:
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
+class RawpyMissingError(DatasetError, ImportError):
+    """Config.rawnerf_mode without the optional `rawpy` package."""
+
+
 def _import_rawpy():
     try:
         import rawpy
-    except ImportError as e:
-        raise ImportError('Reading raw (DNG) images needs the optional `rawpy` package: pip install rawpy') from e
+    except ImportError:
+        raise RawpyMissingError('Reading raw (DNG) images (Config.rawnerf_mode = True) needs the optional `rawpy` '
+                                'package: pip install rawpy') from None
     return rawpy
+
+
+def _read_dng(rawpy, path: str) -> np.ndarray:
+    try:
+        with utils.open_file(path, 'rb') as f:
+            return rawpy.imread(f).raw_image
+    except (OSError, rawpy.LibRawError) as e:
+        raise DatasetError(f'Cannot read the raw image {path} ({type(e).__name__}: {e}); replace or remove '
+                           'it (it must be a DNG file rawpy can open).') from None
 
 
 def postprocess_raw(raw: Array, camtorgb: Array, exposure: Optional[float] = None,
@@ -175,29 +190,37 @@ def load_raw_images(image_dir: str, image_names: Optional[Sequence[str]] = None
         ``(images, exifs)``: [N, H, W] float32 raw sensor values and N EXIF dicts.
 
     Raises:
-        ValueError: if ``image_dir`` does not exist or holds no DNG files.
-        ImportError: if ``rawpy`` is not installed.
+        DatasetError: if ``image_dir`` does not exist or holds no DNG files, a DNG file is unreadable, or its
+            EXIF file is missing or not ``exiftool -json`` output.
+        RawpyMissingError (a DatasetError and ImportError): if ``rawpy`` is not installed.
     """
     if not utils.file_exists(image_dir):
-        raise ValueError(f'Raw image folder {image_dir} does not exist.')
+        raise DatasetNotFoundError(f'Raw image folder {image_dir} does not exist; RawNeRF scenes '
+                                   '(Config.rawnerf_mode = True) keep their DNG files in DATA_DIR/raw.')
     rawpy = _import_rawpy()
 
     def load_raw_exif(image_name):
         base = os.path.join(image_dir, os.path.splitext(image_name)[0])
-        with utils.open_file(base + '.dng', 'rb') as f:
-            raw = rawpy.imread(f).raw_image
         json_path = base + '.json'
         if not utils.file_exists(json_path):
-            raise ValueError(f'Missing EXIF metadata {json_path}; create it with `exiftool -json {base}.dng > '
-                             f'{json_path}`.')
-        with utils.open_file(json_path, 'rb') as f:
-            exif = json.load(f)[0]
+            raise DatasetError(f'Missing EXIF metadata {json_path}; create it with `exiftool -json {base}.dng > '
+                               f'{json_path}`.')
+        raw = _read_dng(rawpy, base + '.dng')
+        try:
+            with utils.open_file(json_path, 'rb') as f:
+                exif = json.load(f)[0]
+            if not isinstance(exif, dict):
+                raise TypeError(f'its first entry is a {type(exif).__name__}, not an object')
+        except (ValueError, IndexError, KeyError, TypeError) as e:
+            raise DatasetError(f'{json_path} is not exiftool JSON output ({e}); recreate it with `exiftool -json '
+                               f'{base}.dng > {json_path}`.') from None
         return raw, exif
 
     if image_names is None:
         image_names = [os.path.basename(f) for f in sorted(glob.glob(os.path.join(image_dir, '*.dng')))]
     if not image_names:
-        raise ValueError(f'No raw images (*.dng) found in {image_dir}.')
+        raise DatasetError(f'No raw images (*.dng) found in {image_dir}; put the DNG files (and their exiftool '
+                           'JSON files) there or set Config.rawnerf_mode = False.')
     raws, exifs = zip(*[load_raw_exif(name) for name in image_names])
     return np.stack(raws, axis=0).astype(np.float32), exifs
 
@@ -213,6 +236,13 @@ _EXIF_KEYS = ('BlackLevel', 'WhiteLevel', 'AsShotNeutral', 'ColorMatrix2', 'Nois
 _RGB2XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
                      [0.2126729, 0.7151522, 0.0721750],
                      [0.0193339, 0.1191920, 0.9503041]])
+
+
+def _shutter_seconds(value: str) -> float:
+    parts = str(value).split('/')
+    if len(parts) != 2:
+        raise ValueError(f'EXIF field ShutterSpeed has unsupported value {value!r} (expected a fraction "1/N")')
+    return 1.0 / float(parts[1])
 
 
 def process_exif(exifs: Sequence[Mapping[str, Any]]) -> MutableMapping[str, Any]:
@@ -237,10 +267,11 @@ def process_exif(exifs: Sequence[Mapping[str, Any]]) -> MutableMapping[str, Any]
         elif isinstance(value, str):
             vals = [[float(z) for z in x[key].split(' ')] for x in exifs]
         else:
-            raise ValueError(f'EXIF field {key} has unsupported value {value!r}')
+            raise ValueError(f'EXIF field {key} has unsupported value {value!r} (expected a number or a string '
+                             'of numbers)')
         meta[key] = np.squeeze(np.array(vals))
     # Shutter speed is written as a fraction "1/N".
-    meta['ShutterSpeed'] = np.fromiter((1.0 / float(x['ShutterSpeed'].split('/')[1]) for x in exifs), float)
+    meta['ShutterSpeed'] = np.fromiter((_shutter_seconds(x['ShutterSpeed']) for x in exifs), float)
 
     # camera -> white-balanced camera -> XYZ -> linear sRGB.
     whitebalance = meta['AsShotNeutral'].reshape(-1, 3)
@@ -284,12 +315,19 @@ def load_raw_dataset(split: utils.DataSplit, data_dir: str, image_names: Sequenc
             image_names = image_names[1:]  # The first posed image duplicates the test frame.
 
     raws, exifs = load_raw_images(image_dir, image_names)
-    meta = process_exif(exifs)
+    try:
+        for key in _EXIF_KEYS[:4] + ('ShutterSpeed',):
+            if any(key not in exif for exif in exifs):
+                raise KeyError(key)
+        meta = process_exif(exifs)
+    except (KeyError, ValueError, IndexError, AttributeError) as e:
+        missing = f'field {e} is missing' if isinstance(e, KeyError) else str(e)
+        raise DatasetError(f'Bad EXIF metadata in the JSON files of {image_dir}: {missing}. RawNeRF needs '
+                           f'{", ".join(_EXIF_KEYS[:4])} and ShutterSpeed ("1/N"); recreate each with '
+                           '`exiftool -json NAME.dng > NAME.json`.') from None
 
     if testscene and split == utils.DataSplit.TEST:
-        rawpy = _import_rawpy()
-        with utils.open_file(testimg_file, 'rb') as f:
-            testraw = rawpy.imread(f).raw_image
+        testraw = _read_dng(_import_rawpy(), testimg_file)
         # The HDR+ merge carries 2 extra fractional bits.
         testraw = testraw.astype(np.float32) / 4.0
         shutter_ratio = meta['ShutterSpeed'][0] / meta['ShutterSpeed'][-1]
@@ -319,6 +357,11 @@ def load_raw_dataset(split: utils.DataSplit, data_dir: str, image_names: Sequenc
 
     cam2rgb0 = meta['cam2rgb'][0]
     meta['postprocess_fn'] = lambda z, x=exposure: postprocess_raw(z, cam2rgb0, x)
+
+    height, width = images.shape[1:3]
+    if n_downsample > 1 and (height % n_downsample or width % n_downsample):
+        raise DatasetError(f'The raw images of {image_dir} are {width}x{height}, which Config.factor = '
+                           f'{n_downsample} does not divide; use a factor that divides both sides (or 0).')
 
     def process(im):
         rgb = bilinear_demosaic(torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)), xnp=torch)

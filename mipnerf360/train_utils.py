@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mipnerf360 import camera_utils, image, math, models, ref_utils, robustnerf, stepfun, utils
+from mipnerf360.configs import ConfigError
 
 Stats = Dict[str, Any]
 
@@ -98,8 +99,8 @@ def compute_data_loss(batch: utils.Batch, renderings: List[Dict[str, torch.Tenso
             data_loss = resid_sq * mask
             extra_stats.update(robust_stats)
         else:
-            raise ValueError(f'Unknown Config.data_loss_type {config.data_loss_type!r}; expected one of '
-                             "'mse', 'charb', 'rawnerf', 'robustnerf'.")
+            raise ConfigError(f'Unknown Config.data_loss_type {config.data_loss_type!r}; expected one of '
+                              "'mse', 'charb', 'rawnerf', 'robustnerf'.")
         data_losses.append((lossmult * data_loss).sum() / denom)
 
         if config.compute_disp_metrics:
@@ -155,8 +156,12 @@ def orientation_loss(rays: utils.Rays, model: nn.Module, ray_history: Sequence[M
         w = ray_results['weights']
         n = ray_results[config.orientation_loss_target]
         if n is None:
-            raise ValueError(f'Orientation loss needs {config.orientation_loss_target!r}, which the MLP did not '
-                             'compute (enable normals or set Config.orientation_loss_target).')
+            raise ConfigError(
+                    f'Config.orientation_loss_mult = {config.orientation_loss_mult:g} (orientation_coarse_loss_mult '
+                    f'= {config.orientation_coarse_loss_mult:g}) needs the {config.orientation_loss_target!r} of '
+                    'Config.orientation_loss_target, which this model does not compute: set the loss mults to 0, '
+                    "or compute them (NerfMLP.enable_pred_normals = True for 'normals_pred', "
+                    "NerfMLP.disable_density_normals = False for 'normals'), as configs/blender_refnerf.gin does.")
         n_dot_v = (n * v[..., None, :]).sum(dim=-1)
         loss = torch.mean((w * torch.clamp(n_dot_v, max=0.0)**2).sum(dim=-1))
         mult = config.orientation_coarse_loss_mult if i < model.num_levels - 1 else config.orientation_loss_mult
@@ -174,8 +179,11 @@ def predicted_normal_loss(model: nn.Module, ray_history: Sequence[Mapping[str, t
         n = ray_results['normals']
         n_pred = ray_results['normals_pred']
         if n is None or n_pred is None:
-            raise ValueError('The predicted normal loss needs both density normals and predicted normals '
-                             '(disable_density_normals=False and enable_pred_normals=True).')
+            raise ConfigError(
+                    f'Config.predicted_normal_loss_mult = {config.predicted_normal_loss_mult:g} '
+                    f'(predicted_normal_coarse_loss_mult = {config.predicted_normal_coarse_loss_mult:g}) needs '
+                    'density normals and predicted normals, which this model does not compute: set both mults to '
+                    '0, or set NerfMLP.disable_density_normals = False and NerfMLP.enable_pred_normals = True.')
         loss = torch.mean((w * (1.0 - torch.sum(n * n_pred, dim=-1))).sum(dim=-1))
         mult = (config.predicted_normal_coarse_loss_mult if i < model.num_levels - 1
                 else config.predicted_normal_loss_mult)
@@ -241,8 +249,8 @@ def weight_l2(model: nn.Module, prefix: str) -> torch.Tensor:
     terms = [torch.sum(p**2) for name, p in base.named_parameters()
              if _prefix_match(prefix, name, '.') or _prefix_match(prefix, ref_names.get(name, ''), '/')]
     if not terms:
-        raise ValueError(f'Config.weight_decay_mults names {prefix!r}, which matches no parameter; use a prefix '
-                         "such as 'nerf_mlp', 'prop_mlp.trunk.0' or the reference's 'NerfMLP_0/Dense_0'.")
+        raise ConfigError(f'Config.weight_decay_mults names {prefix!r}, which matches no parameter; use a prefix '
+                          "such as 'nerf_mlp', 'prop_mlp.trunk.0' or the reference's 'NerfMLP_0/Dense_0'.")
     return torch.stack(terms).sum()
 
 
@@ -492,8 +500,8 @@ def compute_gradients(state: TrainState, batch: utils.Batch, rays: utils.Rays, c
         return losses, stats
     n = utils.tree_leaves(rays)[0].shape[0]
     if not 1 <= k <= n:
-        raise ValueError(f'Config.grad_accum_steps = {k} must be between 1 and the batch\'s first dimension ({n}); '
-                         'lower it or raise Config.batch_size.')
+        raise ConfigError(f'Config.grad_accum_steps = {k} must be between 1 and the batch\'s first dimension '
+                          f'({n}); lower it or raise Config.batch_size.')
     data_total = _data_weight_total(batch, rays, config)
     rays_total = float(np.prod(rays.lossmult.shape[:-1]))
     losses, stats, errors = {}, {}, []

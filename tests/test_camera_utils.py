@@ -522,7 +522,8 @@ def test_create_render_spline_path(tmp_path):
     np.testing.assert_array_equal(idx, [1, 9])
     assert render_exp is None and render_poses.shape == (3, 3, 4)
     config = dataclasses.replace(config, render_spline_interpolate_exposure=True)
-    with pytest.raises(ValueError, match='exposures=None'):
+    with pytest.raises(configs.ConfigError, match='render_spline_interpolate_exposure = True needs per-image '
+                       'exposures'):
         cu.create_render_spline_path(config, names, poses, None)
 
 

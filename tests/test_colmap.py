@@ -173,7 +173,9 @@ def test_pycolmap_sfm_registers_every_view(tmp_path):
 @pytest.fixture
 def fake_colmap(scene, tmp_path):
     """A photo folder and a fake `colmap` on PATH that logs its arguments (the mapper copies the true model);
-    returns (data_dir, log file, env, script path)."""
+    returns (data_dir, log file, env, script path). FAKE_REGISTERED="4 10" makes the first mapper run's model
+    report 4 registered images to model_analyzer and the second's 10 (default: 10); each model is tagged with
+    the number of its mapper run in a file `mapper_run`."""
     import sys
     d, _ = scene
     data = tmp_path / 'data'
@@ -182,13 +184,20 @@ def fake_colmap(scene, tmp_path):
     os.makedirs(bindir)
     log = tmp_path / 'log.txt'
     fake = bindir / 'colmap'
+    counter = tmp_path / 'mapper_runs'
     fake.write_text('#!/bin/bash\n'
                     f'echo "$@" >> {log}\n'
-                    'if [ "$1" = mapper ]; then\n'
-                    '  out=""; while [ $# -gt 0 ]; do [ "$1" = --output_path ] && out=$2; shift; done\n'
-                    f'  mkdir -p "$out/0" && cp {d}/sparse/0/* "$out/0/"\n'
+                    'cmd=$1; path=""; out=""\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = --output_path ] && out=$2; [ "$1" = --path ] && path=$2; shift; '
+                    'done\n'
+                    'if [ "$cmd" = mapper ]; then\n'
+                    f'  echo x >> {counter}; run=$(wc -l < {counter})\n'
+                    f'  mkdir -p "$out/0" && cp {d}/sparse/0/* "$out/0/" && echo $run > "$out/0/mapper_run"\n'
                     'fi\n'
-                    '[ "$1" = model_analyzer ] && echo "Registered images: 10"\n'
+                    'if [ "$cmd" = model_analyzer ]; then\n'
+                    '  counts=(${FAKE_REGISTERED:-10}); run=$(cat "$path/mapper_run")\n'
+                    '  echo "Registered images: ${counts[$((run - 1))]:-10}"\n'
+                    'fi\n'
                     'exit 0\n')
     fake.chmod(0o755)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,7 +219,7 @@ def test_shell_script_with_fake_colmap(fake_colmap):
     assert '--ImageReader.camera_model OPENCV_FISHEYE' in calls[0] and '--SiftExtraction.use_gpu 0' in calls[0]
     assert '--SiftMatching.use_gpu 0' in calls[1]
     assert '--Mapper.ba_global_function_tolerance=0.000001' in calls[2]
-    assert 'Registered 10 / 10 images' in res.stdout
+    assert 'Registered 10 / 10 images' in res.stdout and 'retrying' not in res.stdout
     assert os.path.isfile(data / 'sparse' / '0' / 'images.txt')
     for f, size in ((2, (16, 12)), (4, (8, 6)), (8, (4, 3))):
         assert Image.open(data / f'images_{f}' / 'img_000.png').size == size
@@ -226,7 +235,7 @@ def test_shell_script_options_with_fake_colmap(fake_colmap):
     with one line naming the option."""
     import subprocess
     data, log, env, script = fake_colmap
-    res = subprocess.run(['bash', script, str(data)], env=dict(env, MATCHER='sequential', HARD='2'),
+    res = subprocess.run(['bash', script, str(data)], env=dict(env, MATCHER='sequential', HARD='2', PYTHON='true'),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     calls = log.read_text().splitlines()
@@ -242,11 +251,63 @@ def test_shell_script_options_with_fake_colmap(fake_colmap):
             f'--Mapper.abs_pose_min_inlier_ratio {h.abs_pose_min_inlier_ratio}') in calls[2]
     for extra, args, message in [({'MATCHER': 'vocab_tree'}, [], 'MATCHER=vocab_tree needs VOCAB_TREE=path'),
                                  ({'HARD': '3'}, [], "HARD='3' is not 0, 1 or 2"),
+                                 ({'NO_RETRY': 'yes'}, [], "NO_RETRY='yes' is not 0 or 1"),
                                  ({}, ['FULL_OPENCV'], "camera model 'FULL_OPENCV' is not one the loader reads")]:
         res = subprocess.run(['bash', script, str(data)] + args, env=dict(env, **extra), capture_output=True,
                              text=True, timeout=60)
         assert res.returncode == 1 and len(res.stderr.splitlines()) == 1 and message in res.stderr, res.stderr
 
+
+
+def _script(fake_colmap, **env):
+    import subprocess
+    data, log, base_env, script = fake_colmap
+    # PYTHON=true skips the PIL resize (three interpreter starts; test_shell_script_with_fake_colmap checks it).
+    res = subprocess.run(['bash', script, str(data)], env=dict(base_env, PYTHON='true', **env),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout, [c.split()[0] for c in log.read_text().splitlines()], log.read_text().splitlines()
+
+
+def _kept_run(data):
+    return int((data / 'sparse' / '0' / 'mapper_run').read_text())
+
+
+ONE_RUN = ['feature_extractor', 'exhaustive_matcher', 'mapper', 'model_analyzer']
+
+
+def test_shell_script_retries_with_the_next_hard_level(fake_colmap):
+    """Fewer than 90% registered: one more run with the next HARD level; the model with more images is kept and
+    the script says which; no sparse_* leftovers."""
+    data = fake_colmap[0]
+    out, cmds, calls = _script(fake_colmap, FAKE_REGISTERED='4 10')
+    assert cmds == ONE_RUN * 2
+    assert '--Mapper.init_min_num_inliers' not in calls[2] and '--Mapper.init_min_num_inliers 30' in calls[6]
+    assert '--SiftExtraction.domain_size_pooling' not in calls[4]  # HARD=1: mapper and matching settings only.
+    assert ('Registered 4 / 10 images with HARD=0 (fewer than 90%); retrying once with HARD=1' in out
+            and 'Keeping the HARD=1 model: 10 images registered against 4 with HARD=0.' in out
+            and 'Registered 10 / 10 images (HARD=1)' in out and 'Warning' not in out), out
+    assert _kept_run(data) == 2
+    assert sorted(p.name for p in data.iterdir() if p.name.startswith('sparse')) == ['sparse']
+
+    # A worse retry: the first model stays, and the script still points at the next level.
+    log = fake_colmap[1]
+    log.write_text('')
+    (log.parent / 'mapper_runs').unlink()
+    out, cmds, calls = _script(fake_colmap, FAKE_REGISTERED='6 3', HARD='1')
+    assert cmds == ONE_RUN * 2 and '--SiftExtraction.domain_size_pooling 1' in calls[4]  # HARD=2 retry.
+    assert ('Keeping the HARD=1 model: 6 images registered against 3 with HARD=2.' in out
+            and 'Registered 6 / 10 images (HARD=1)' in out), out
+    assert _kept_run(data) == 1
+
+
+@pytest.mark.parametrize('env', [{'NO_RETRY': '1'}, {'HARD': '0'}, {'HARD': '2'}])
+def test_shell_script_retry_off(fake_colmap, env):
+    out, cmds, _ = _script(fake_colmap, FAKE_REGISTERED='4 10', **env)
+    assert cmds == ONE_RUN and 'retrying' not in out
+    level = int(env.get('HARD', 0))
+    assert f'Registered 4 / 10 images (HARD={level}); model written to' in out
+    assert ('Warning: fewer than 90% of the photos registered; run again with HARD=' in out) == (level < 2)
 
 
 def test_pycolmap_retry_registers_a_hard_capture(tmp_path, capsys):

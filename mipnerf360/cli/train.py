@@ -36,6 +36,7 @@ import torch
 
 from mipnerf360 import checkpoints, configs, image, models, train_utils, utils, vis
 from mipnerf360.cli import common
+from mipnerf360.cli.eval import _decimate
 
 # Under DDP the ranks agree on stopping (SIGTERM) every this many steps (a collective and a host sync).
 _STOP_CHECK_EVERY_DDP = 10
@@ -340,6 +341,10 @@ def _render_test_view(model, test_dataset, config, writer, metric_harness, train
             writer.add_scalar(f'train_metrics/{name}', val, step)
     log(f'Eval {step}: {eval_time:0.2f}s, {num_rays / eval_time:0.0f} rays/s, ' +
         ', '.join(f'{k}={v:.4f}' for k, v in metric.items() if v is not None and np.isfinite(v)))
+    # As the reference: metrics on the full image, tensorboard images decimated by Config.vis_decimate. The
+    # ray_* lists ([rays, samples], not images) stay whole: decimating their sample axis breaks their plots.
+    images = _decimate({k: v for k, v in rendering.items() if not k.startswith('ray_')}, config.vis_decimate)
+    rendering, gt = {**rendering, **images}, _decimate(gt, config.vis_decimate)
     suite = vis.visualize_suite(rendering, gt.rays)
     writer.add_image('test_true_color', np.clip(gt.rgb, 0, 1), step, dataformats='HWC')
     for k, v in suite.items():

@@ -5,12 +5,16 @@ else `transforms.json`; else LLFF's `poses_bounds.npy`. 360 scenes are PCA-norma
 
 `images_N` folders whose size differs from the COLMAP size / N by up to one pixel (the official rounded folders)
 are accepted with intrinsics scaled by the actual ratio; larger differences raise.
+
+COLMAP scenes print how many of the photos in `images/` the model registered (`check_registration`); fewer
+than `Config.min_registered_fraction` of them is a DatasetError.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -87,6 +91,53 @@ def load_llff_posedata(data_dir: str) -> PoseData:
     raise DatasetNotFoundError(f'No cameras in {data_dir}: expected sparse/0 (COLMAP), transforms.json '
                                'or poses_bounds.npy; run `python -m mipnerf360.colmap DATA_DIR` or '
                                'scripts/local_colmap_and_resize.sh DATA_DIR first.')
+
+
+_MAX_LISTED = 10  # Names of left-out photos printed before "and K more".
+_reported: Set[Tuple[str, int, int]] = set()  # (data_dir, registered, total) already printed by this process.
+
+
+def _report_detail(data_dir: str, registered: int, total: int) -> str:
+    """What `python -m mipnerf360.colmap` wrote to sparse/colmap_report.json about this model, or ''."""
+    path = os.path.join(data_dir, 'sparse', colmap.REPORT_NAME)
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        if report['registered'] != registered or report['total'] != total:
+            return f'; {path} describes another model ({report["registered"]} of {report["total"]}), ignored'
+        attempts = ', '.join(f'{a["settings"]["name"]} settings {a["registered"]}' for a in report['attempts'])
+        error = report['mean_reprojection_error_px']
+        return f'; pycolmap attempts: {attempts}; mean reprojection error {error:.2f} px'
+    except FileNotFoundError:
+        return ''
+    except (OSError, ValueError, KeyError, TypeError):
+        return f'; {path} is unreadable, ignored'
+
+
+def check_registration(data_dir: str, names: Sequence[str], min_fraction: float) -> str:
+    """Compares the COLMAP model's image names with the photos of `images/`; prints (once per process) and
+    returns the line "COLMAP registered M of N photos in DIR; left out: ...". Raises DatasetError when fewer than
+    `min_fraction` of the photos registered (Config.min_registered_fraction)."""
+    photos = list_images(os.path.join(data_dir, 'images'))
+    posed = set(names)
+    left_out = [p for p in photos if p not in posed]
+    m, n = len(photos) - len(left_out), len(photos)
+    line = f'COLMAP registered {m} of {n} photos in {data_dir}'
+    if left_out:
+        more = f' and {len(left_out) - _MAX_LISTED} more' if len(left_out) > _MAX_LISTED else ''
+        line += (f'; left out: {", ".join(left_out[:_MAX_LISTED])}{more} (see README: When too few photos '
+                 'register)')
+    line += _report_detail(data_dir, m, n)
+    if m < min_fraction * n:
+        raise DatasetError(f'{line}. That is fewer than Config.min_registered_fraction = {min_fraction:g} of them: '
+                           'pose the photos again (python -m mipnerf360.colmap DATA_DIR retries with settings for '
+                           'hard captures; the script: HARD=2) or take more overlapping photos, or set '
+                           'Config.min_registered_fraction = 0 to train on the registered ones.')
+    key = (os.path.abspath(data_dir), m, n)
+    if key not in _reported:
+        _reported.add(key)
+        print(line, flush=True)
+    return line
 
 
 def _stem(name: str) -> str:
@@ -263,4 +314,10 @@ def _read_llff_image(path: str, factor: int) -> np.ndarray:  # pylint: disable=u
 
 def load_llff(config: configs.Config, split: utils.DataSplit, data_dir: str) -> Scene:
     """COLMAP / LLFF scene (see the module docstring); images come from `images_{Config.factor}/`."""
-    return load_colmap_like(config, split, data_dir, load_llff_posedata, llff_image_paths, _read_llff_image)
+    def load_posedata(d: str) -> PoseData:
+        posedata = load_llff_posedata(d)
+        if os.path.isdir(os.path.join(d, 'sparse', '0')) and os.path.isdir(os.path.join(d, 'images')):
+            check_registration(d, posedata[0], config.min_registered_fraction)
+        return posedata
+
+    return load_colmap_like(config, split, data_dir, load_posedata, llff_image_paths, _read_llff_image)
