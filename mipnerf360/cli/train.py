@@ -34,7 +34,7 @@ import numpy as np
 import tqdm
 import torch
 
-from mipnerf360 import checkpoints, configs, image, models, train_utils, utils, vis
+from mipnerf360 import checkpoints, configs, image, models, train_utils, utils, viewer, vis
 from mipnerf360.cli import common
 
 # Under DDP the ranks agree on stopping (SIGTERM) every this many steps (a collective and a host sync).
@@ -91,6 +91,7 @@ class _Run:
     num_params: int
     last_saved: int
     num_skipped: int = 0  # Non-finite steps skipped so far (as last read from the guard).
+    viewer: Any = None  # The live browser viewer (Config.viewer_port), rank 0 only.
 
     @property
     def is_main(self) -> bool:
@@ -255,6 +256,8 @@ def _train_loop(run: _Run, log: _Logger, stopper: _Stopper) -> int:
         run.state, stats = train_utils.train_step(run.state, batch, run.cameras, config, rng,
                                                   camtype=run.dataset.camtype)
         log.record(stats)
+        if run.viewer is not None:
+            run.viewer.update(run.base_model, step)  # A no-op unless a browser is watching.
         if step == run.init_step or step % config.print_every == 0 or step == run.num_steps:
             _check_finite(run, log, step)
             if run.is_main:
@@ -293,6 +296,8 @@ def main(unused_argv):
 
 def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, lock_message: Optional[str]):
     """Setup, the loop and the cleanup of a run, in a checkpoint_dir this process has locked."""
+    if config.viewer_port is not None and rank == 0:
+        viewer.import_viser()  # A missing viser is reported before anything slow starts.
     run = _setup(config, rank, world_size, local_rank)
     log = _Logger(run)
     if lock_message:
@@ -302,6 +307,11 @@ def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, 
     stopper = _Stopper()
     stopper.install()
     try:
+        if config.viewer_port is not None and run.is_main:
+            test_scene = run.test_dataset.scene if run.test_dataset is not None else None
+            run.viewer = viewer.Viewer(run.base_model, config, run.dataset.scene, config.viewer_port,
+                                       step=run.init_step - 1, **viewer.initial_camera_of(test_scene))
+            log(f'Viewer at {run.viewer.url}')
         _train_loop(run, log, stopper)
         _check_finite(run, log, run.state.step)
     except train_utils.NonFiniteError as e:
@@ -313,6 +323,8 @@ def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, 
         raise SystemExit(130) from None
     finally:
         log.close()
+        if run.viewer is not None:
+            run.viewer.close()
         stopper.uninstall()
         run.dataset.close()
         if run.test_dataset is not None:
