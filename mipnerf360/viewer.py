@@ -227,7 +227,8 @@ class Viewer:
             image = None if s.images is None else _thumbnail(s.images[i])
             self.frustums.append(server.scene.add_camera_frustum(
                 f'/cameras/{i}', fov=vertical_fov(s.pixtocams[i], height), aspect=width / height, scale=scale,
-                thickness=1.5, thickness_units='screen', wxyz=wxyz, position=position, image=image, visible=show_cameras))
+                thickness=1.5, thickness_units='screen', wxyz=wxyz, position=position, image=image,
+                visible=show_cameras))
         if initial_camtoworld is None:  # Behind the first camera, so that its frustum is in view, not at the eye.
             initial_camtoworld = np.array(s.camtoworlds[0, :3, :4], np.float64)
             initial_camtoworld[:, 3] += 3 * scale * initial_camtoworld[:, 2]

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import io
 import json
@@ -34,9 +35,10 @@ import torch
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
-from mipnerf360 import camera_utils, configs, datasets, models, synthetic, viewer
-from mipnerf360.cli import common
+from mipnerf360 import camera_utils, checkpoints, configs, datasets, models, synthetic, viewer
+from mipnerf360.cli import common, train
 from syncguard import no_host_sync
+from test_cli import TINY_GIN, _in_process, _psnr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_STEPS = 100
@@ -50,38 +52,9 @@ try:
     HAVE_VISER = True
 except ImportError:
     HAVE_VISER = False
-needs_viser = pytest.mark.skipif(not HAVE_VISER, reason="viser is not installed (pip install '.[viewer]')")
+NO_VISER = "viser is not installed (pip install '.[viewer]')"
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason='chromium is not installed (apt-get install chromium)')
-
-TINY_GIN = """
-include 'configs/360.gin'
-Config.factor = 2
-Config.batch_size = 256
-Config.render_chunk_size = 4096
-Config.max_steps = {steps}
-Config.lr_init = 0.01
-Config.lr_final = 0.001
-Config.lr_delay_steps = 20
-Config.checkpoint_every = 100
-Config.print_every = 50
-Config.train_render_every = 0
-Model.num_prop_samples = 16
-Model.num_nerf_samples = 16
-PropMLP.net_depth = 1
-PropMLP.net_width = 32
-PropMLP.basis_shape = 'octahedron'
-PropMLP.basis_subdivisions = 1
-NerfMLP.net_depth = 2
-NerfMLP.net_width = 64
-NerfMLP.bottleneck_width = 32
-NerfMLP.basis_shape = 'octahedron'
-NerfMLP.basis_subdivisions = 1
-"""
-
-
-def _psnr(a, b):
-    return float(-10 * np.log10(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
 
 
 # -- Cameras (no viser needed). --------------------------------------------------------------------------------
@@ -171,24 +144,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _flags(root, *bindings):
+def _flags(root, *bindings, ckpt=None):
     return [f'--gin_configs={root}/tiny.gin', f"--gin_bindings=Config.data_dir = '{root}/scene'",
-            f"--gin_bindings=Config.checkpoint_dir = '{root}/ckpt'"] + [f'--gin_bindings={b}' for b in bindings]
+            f"--gin_bindings=Config.checkpoint_dir = '{ckpt or root / 'ckpt'}'"] + [f'--gin_bindings={b}'
+                                                                                  for b in bindings]
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """A tiny model trained with the viewer on (Config.viewer_port); returns (root, train stdout)."""
+    """A tiny model trained (in this process) with the viewer on (Config.viewer_port); returns (root, its log)."""
     if not HAVE_VISER:
-        pytest.skip("viser is not installed (pip install '.[viewer]')")
+        pytest.skip(NO_VISER)
     root = tmp_path_factory.mktemp('viewer')
     synthetic.write_colmap_scene(str(root / 'scene'), n_views=16, width=64, height=48, factors=(2,), seed=0)
     (root / 'tiny.gin').write_text(TINY_GIN.format(steps=TRAIN_STEPS))
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, '-m', 'train'] + _flags(root, f'Config.viewer_port = {_free_port()}'),
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root, proc.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = _in_process(train, _flags(root, f'Config.viewer_port = {_free_port()}'))
+    assert code == 0, out.getvalue()[-3000:]
+    return root, out.getvalue()
 
 
 def _load(root, *bindings):
@@ -316,10 +290,25 @@ def _wait_for_final(view, position, timeout=60):
     while time.time() < deadline:
         last = view.last_final
         if last is not None and last[:2] == WINDOW and np.allclose(last[3], position, atol=1e-4):
-            time.sleep(1.)  # The browser decodes and draws it.
             return
         time.sleep(.1)
     raise AssertionError(f'no final render of the viewport from {position} in {timeout} s (last: {view.last_final})')
+
+
+# 20 x 20 screen pixels per rendered pixel; rows 8.. and columns 4.. are clear of viser's overlays (the panel top
+# right, a notice top left, the axes bottom left).
+REGION = (slice(8, None), slice(4, None))
+
+
+def _shown_until(browser, expected, bar, timeout=30):
+    """The screenshot (box-filtered to the rendered 32 x 24 pixels, REGION) once it matches `expected` within
+    `bar` dB, or the last one after `timeout` seconds (the browser draws a received image asynchronously)."""
+    deadline = time.time() + timeout
+    while True:
+        shown = browser.screenshot().astype(np.float64).reshape(24, 20, 32, 20, 3).mean((1, 3))[REGION] / 255
+        if _psnr(shown, expected) > bar or time.time() > deadline:
+            return shown
+        time.sleep(.5)
 
 
 @needs_chromium
@@ -337,47 +326,42 @@ def test_browser_shows_the_model_from_its_camera(trained):
     try:
         position = test.scene.camtoworlds[0][:3, 3]
         _wait_for_final(view, position)
-        # 20 x 20 screen pixels per rendered pixel; rows 8.. and columns 4.. are clear of viser's overlays (the
-        # panel top right, a notice top left, the axes bottom left).
-        region = (slice(8, None), slice(4, None))
-        shown = browser.screenshot().astype(np.float64).reshape(24, 20, 32, 20, 3).mean((1, 3)) / 255
-        same = _psnr(shown[region], np.clip(direct[0]['rgb'], 0, 1)[region])
-        other = _psnr(shown[region], np.clip(direct[1]['rgb'], 0, 1)[region])
+        colours = [np.clip(d['rgb'], 0, 1)[REGION] for d in direct]
+        shown = _shown_until(browser, colours[0], BAR_DB)
+        same, other = _psnr(shown, colours[0]), _psnr(shown, colours[1])
         assert same > BAR_DB and other < BAR_DB - 5, (same, other)
 
         # Depth: its colour map spans the image's own percentiles, so the viewer's centred pinhole (the dataset
         # camera's principal point is off centre by a fraction of a pixel) shifts it a little more than colour.
         view.mode.value = 'depth'
-        deadline = time.time() + 30
-        expected = viewer.to_display(direct[0], 'depth')[region] / 255
-        while time.time() < deadline:
-            shown = browser.screenshot().astype(np.float64).reshape(24, 20, 32, 20, 3).mean((1, 3)) / 255
-            if _psnr(shown[region], expected) > DEPTH_BAR_DB:
-                break
-            time.sleep(.5)
-        depth, colour = _psnr(shown[region], expected), _psnr(shown[region], np.clip(direct[0]['rgb'], 0, 1)[region])
+        expected = viewer.to_display(direct[0], 'depth')[REGION] / 255
+        shown = _shown_until(browser, expected, DEPTH_BAR_DB)
+        depth, colour = _psnr(shown, expected), _psnr(shown, colours[0])
         assert depth > DEPTH_BAR_DB and colour < DEPTH_BAR_DB - 10, (depth, colour)
     finally:
         browser.close()
         view.close()
 
 
-def test_view_command_serves_and_stops(trained):
+def test_view_command_serves_follows_and_stops(trained, tmp_path):
+    """python -m mipnerf360.view serves the page, loads a newer checkpoint when one appears, stops on SIGTERM."""
     root, _ = trained
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.Popen([sys.executable, '-m', 'mipnerf360.view'] + _flags(root, f'Config.viewer_port = {_free_port()}'),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / 'ckpt'
+    shutil.copytree(root / 'ckpt', ckpt)
+    argv = _flags(root, f'Config.viewer_port = {_free_port()}', 'Config.viewer_refresh_seconds = 0.2', ckpt=ckpt)
+    proc = subprocess.Popen([sys.executable, '-m', 'mipnerf360.view'] + argv, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        url = None
-        for line in proc.stdout:
-            m = re.search(r'Viewer of .*checkpoint_0*%d\.pt \(step %d\) at (http://\S+);' % (TRAIN_STEPS, TRAIN_STEPS),
-                          line)
-            if m:
-                url = m.group(1)
-                break
+        lines = iter(proc.stdout)
+        url = next((m.group(1) for m in (re.search(
+            rf'Viewer of .*checkpoint_0*{TRAIN_STEPS}\.pt \(step {TRAIN_STEPS}\) at (http://\S+);', line)
+            for line in lines) if m), None)
         assert url is not None, proc.stderr.read() if proc.poll() is not None else 'no URL printed'
-        page = urllib.request.urlopen(url, timeout=30).read().decode()
-        assert '<html' in page.lower()
+        assert '<html' in urllib.request.urlopen(url, timeout=30).read().decode().lower()
+        state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(str(ckpt)))
+        newer = checkpoints.save_checkpoint(str(ckpt), dict(state, step=2 * TRAIN_STEPS), 2 * TRAIN_STEPS)
+        assert any(f'Loaded {newer} (step {2 * TRAIN_STEPS}).' in line for line in lines)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == common.EXIT_SIGTERM
     finally:
@@ -390,3 +374,12 @@ def test_missing_viser_is_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, 'viser', None)  # `import viser` raises ImportError.
     with pytest.raises(viewer.ViewerError, match=r"pip install 'mipnerf360\[viewer\]'"):
         viewer.import_viser()
+
+
+@pytest.mark.parametrize('field,value', [('viewer_port', 0), ('viewer_port', 70000), ('viewer_port', '8080'),
+                                         ('viewer_max_resolution', 0), ('viewer_refresh_seconds', -1.),
+                                         ('viewer_host', 8080)])
+def test_bad_viewer_fields_are_config_errors(field, value):
+    with pytest.raises(configs.ConfigError, match=f'Config.{field} = '):
+        configs.validate_config(configs.Config(**{field: value}))
+    configs.validate_config(configs.Config(viewer_port=8080))
