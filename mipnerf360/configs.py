@@ -165,8 +165,8 @@ class Config:
     grad_accum_steps: int = 1  # Split each batch into this many micro-batches (less memory, same gradient).
 
     # The live browser viewer (mipnerf360/viewer.py; needs the `viewer` extra, viser):
-    viewer_port: Optional[int] = None  # While training, serve the viewer on this port (None: off). `python -m
-    # mipnerf360.view` serves on this port, 8080 when None.
+    viewer_port: Optional[int] = None  # While training, serve the viewer on this port (None: off); `python -m
+    # mipnerf360.view` serves on it, 8080 when None. A port in use gives the next free one (the log names it).
     viewer_host: str = '127.0.0.1'  # Address the viewer listens on ('0.0.0.0' for every interface).
     viewer_max_resolution: int = 512  # Long side, in pixels, of the finest image the viewer renders.
     viewer_refresh_seconds: float = 10.  # While training, the viewer copies the weights at most this often (and

@@ -145,6 +145,10 @@ class _ClientView:
     level: int
 
 
+class _Superseded(Exception):
+    """A camera moved while a fine level was rendering: that image is abandoned for a coarse one."""
+
+
 def import_viser():
     """The viser module, or a ViewerError saying how to install it."""
     try:
@@ -153,6 +157,12 @@ def import_viser():
         raise ViewerError("The viewer needs viser, which is not installed; pip install 'mipnerf360[viewer]' "
                           '(or pip install viser), or unset Config.viewer_port.') from None
     return viser
+
+
+def _camera_key(camera) -> Tuple[Any, ...]:
+    """(wxyz, position, fov, width, height) of a viser camera handle, as hashable values."""
+    return (tuple(float(v) for v in camera.wxyz), tuple(float(v) for v in camera.position), float(camera.fov),
+            int(camera.image_width), int(camera.image_height))
 
 
 def _thumbnail(img: np.ndarray) -> np.ndarray:
@@ -195,6 +205,8 @@ class Viewer:
         self.renders_done = 0  # Finest-level images sent.
         self.last_final: Optional[Tuple[Any, ...]] = None  # (canvas width, height, wxyz, position, fov) of the last.
         self.watching = False  # Whether any browser is connected (read by `update` without a lock).
+        self._rendering: Optional[Tuple[int, Tuple[Any, ...]]] = None  # (client id, camera key) being rendered.
+        self._camera_moved = False  # Set when that camera moves; aborts a fine level mid-render.
         try:
             self.server = viser.ViserServer(host=config.viewer_host, port=port, verbose=False)
         except OSError as e:
@@ -255,7 +267,13 @@ class Viewer:
 
     def _on_connect(self, client):
         self.watching = True
-        client.camera.on_update(lambda _camera: self._wake.set())
+        client.camera.on_update(self._on_camera)
+        self._wake.set()
+
+    def _on_camera(self, camera):
+        rendering = self._rendering
+        if rendering is not None and rendering[0] == camera.client.client_id and _camera_key(camera) != rendering[1]:
+            self._camera_moved = True
         self._wake.set()
 
     def _on_disconnect(self, client):
@@ -299,43 +317,56 @@ class Viewer:
 
     def _serve(self, client) -> bool:
         """Renders the next level for `client` (level 0 when its camera moved); False when it is up to date."""
-        camera = client.camera
         try:
-            wxyz, position = np.array(camera.wxyz), np.array(camera.position)
-            fov, width, height = float(camera.fov), int(camera.image_width), int(camera.image_height)
+            camera_key = _camera_key(client.camera)
         except AssertionError:  # viser has no camera from this browser yet.
             return False
+        wxyz, position, fov, width, height = camera_key
         if width <= 0 or height <= 0:
             return False
-        key = (tuple(wxyz), tuple(position), fov, width, height, self.mode.value, self._version)
+        key = camera_key + (self.mode.value, self._version)
         with self._lock:
             view = self._views.get(client.client_id)
         if view is not None and view.key == key and view.level == NUM_LEVELS - 1:
             return False
         level = view.level + 1 if view is not None and view.key == key else 0
         w, h = level_size(width, height, self.config.viewer_max_resolution, level)
+        final = level == NUM_LEVELS - 1
+        self._camera_moved = False
+        self._rendering = (client.client_id, camera_key)
         try:
-            img = self.render(wxyz, position, fov, w, h, self.mode.value)
-            final = level == NUM_LEVELS - 1
+            img = self.render(np.array(wxyz), np.array(position), fov, w, h, self.mode.value,
+                              interruptible=level > 0)
             client.scene.set_background_image(img, format='png' if final else 'jpeg')
+        except _Superseded:
+            return True
         except Exception:  # pylint: disable=broad-except
             if self._stop.is_set() or client.client_id not in self.server.get_clients():
                 return False  # Closed or disconnected mid-render.
             raise
+        finally:
+            self._rendering = None
         with self._lock:
             self._views[client.client_id] = _ClientView(key, level)
         if final:
-            self.last_final = (width, height, wxyz, position, fov)
+            self.last_final = (width, height, np.array(wxyz), np.array(position), fov)
             self.renders_done += 1
         return True
 
     def render(self, wxyz: np.ndarray, position: np.ndarray, fov_y: float, width: int, height: int,
-               mode: str = 'colour') -> np.ndarray:
-        """[height, width, 3] uint8 image of the viewer's model from a viser camera, shown as `mode`."""
+               mode: str = 'colour', interruptible: bool = False) -> np.ndarray:
+        """[height, width, 3] uint8 image of the viewer's model from a viser camera, shown as `mode`;
+        `interruptible`: raises _Superseded between chunks once a browser's camera moves."""
         s = self._scene
         rays = viewer_rays(wxyz, position, fov_y, width, height, s.near, s.far, self._device, s.pixtocam_ndc)
         train_frac = train_utils.train_frac_of(max(self._step, 1), self.config)
-        render_fn = functools.partial(self._model, train_frac=train_frac, compute_extras=True)
+        model_fn = functools.partial(self._model, train_frac=train_frac, compute_extras=True)
+
+        def render_fn(rng, chunk):
+            if interruptible and self._camera_moved:
+                raise _Superseded
+            return model_fn(rng, chunk)
+
         with torch.no_grad():
             rendering = models.render_image(render_fn, rays, None, self.config)
         return to_display({k: v.numpy() for k, v in rendering.items() if isinstance(v, torch.Tensor)}, mode)

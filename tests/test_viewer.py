@@ -193,6 +193,7 @@ class _FakeClient:
 
     def __init__(self, camera):
         self.camera = camera
+        camera.client = self
         self.sent = []
         self.scene = self
 
@@ -213,6 +214,23 @@ def test_progressive_levels_and_weight_updates(trained):
         assert client.sent == [((3, 4), 'jpeg'), ((6, 8), 'jpeg'), ((12, 16), 'jpeg'), ((24, 32), 'png')]
         client.camera.position = position + .01  # Moved: back to the coarsest level.
         assert view._serve(client) and client.sent[-1] == ((3, 4), 'jpeg')  # pylint: disable=protected-access
+
+        # Moving while a finer level renders abandons it after the chunk in flight (nothing sent), then coarse.
+        view.config.render_chunk_size = 16  # Level 1 is 8 x 6 = 3 chunks.
+        chunks, forward = [], view._model.forward  # pylint: disable=protected-access
+
+        def moving_forward(*args, **kwargs):
+            if not chunks:
+                client.camera.position = position + .02
+                view._on_camera(client.camera)  # pylint: disable=protected-access
+            chunks.append(1)
+            return forward(*args, **kwargs)
+
+        view._model.forward = moving_forward  # pylint: disable=protected-access
+        sent = len(client.sent)
+        assert view._serve(client) and len(client.sent) == sent and len(chunks) == 1  # pylint: disable=protected-access
+        assert view._serve(client) and client.sent[-1] == ((3, 4), 'jpeg')  # pylint: disable=protected-access
+        del view._model.forward  # pylint: disable=protected-access
 
         other = common.build_model(config, torch.device('cpu'))
         with torch.no_grad():

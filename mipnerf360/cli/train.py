@@ -18,6 +18,8 @@ update is skipped and counted (see `train_utils.FiniteGuard`). Nothing non-finit
 
 One trainer per checkpoint_dir: the run holds `train.lock` (see `checkpoints.TrainingLock`); a second one
 exits at once naming the first (pid, host).
+
+Watching: with `Config.viewer_port` set, rank 0 serves the live browser viewer (`mipnerf360.viewer`) for the run.
 """
 
 from __future__ import annotations
