@@ -231,7 +231,7 @@ class Viewer:
         server.scene.set_up_direction(tuple(up / max(np.linalg.norm(up), 1e-9)))
         centres = s.camtoworlds[:, :3, 3]
         spread = float(np.median(np.linalg.norm(centres - np.median(centres, 0), axis=-1))) if s.size > 1 else 1.
-        scale = .1 * max(spread, 1e-3)
+        scale = .06 * max(spread, 1e-3)
         self.frustums = []
         for i in range(s.size):
             wxyz, position = camtoworld_to_viser(s.camtoworlds[i])
