@@ -178,6 +178,14 @@ class Config:
     resume_fallback: bool = False  # Resume from the newest intact checkpoint when the newest fails its checksum.
     grad_accum_steps: int = 1  # Split each batch into this many micro-batches (less memory, same gradient).
 
+    # The live browser viewer (mipnerf360/viewer.py; needs the `viewer` extra, viser):
+    viewer_port: Optional[int] = None  # While training, serve the viewer on this port (None: off); `python -m
+    # mipnerf360.view` serves on it, 8080 when None. A port in use gives the next free one (the log names it).
+    viewer_host: str = '127.0.0.1'  # Address the viewer listens on ('0.0.0.0' for every interface).
+    viewer_max_resolution: int = 512  # Long side, in pixels, of the finest image the viewer renders.
+    viewer_refresh_seconds: float = 10.  # While training, the viewer copies the weights at most this often (and
+    # only while a browser is connected); `python -m mipnerf360.view` checks for a newer checkpoint this often.
+
 
 def define_common_flags():
     """Defines the absl flags used by train, eval and render."""
@@ -227,6 +235,8 @@ _RANGES: Dict[str, Tuple[str, Optional[float], Optional[float], bool, bool]] = {
         'num_border_pixels_to_mask': _AT_LEAST_0, 'dtu_light_cond': ('int', 0, 6, False, False),
         'dtuhold': _AT_LEAST_1, 'seed': ('int', 0, 2**63 - 1, False, False),
         'nan_max_skips_in_a_row': _AT_LEAST_1, 'grad_accum_steps': _AT_LEAST_1,
+        'viewer_port': ('int', 1, 65535, False, False), 'viewer_max_resolution': _AT_LEAST_1,
+        'viewer_refresh_seconds': _NON_NEGATIVE,
 }
 # Fields whose value must be one of a fixed set of strings (None allowed where the default is None).
 _CHOICES: Dict[str, Tuple[str, ...]] = {
@@ -239,7 +249,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
         'nan_policy': ('stop', 'skip_step'),
 }
 _STRINGS = ('dataset_loader', 'checkpoint_dir', 'render_dir', 'data_dir', 'vocab_tree_path', 'render_path_file',
-            'render_spline_keyframes', 'device')
+            'render_spline_keyframes', 'device', 'viewer_host')
 # Fields of the reference that this port does not use: a non-default value is rejected rather than ignored.
 _UNUSED = {'gc_every': 'PyTorch frees tensors itself (the reference disables Python\'s garbage collector and '
                        'collects every gc_every steps; this port leaves the collector on)'}

@@ -18,6 +18,8 @@ update is skipped and counted (see `train_utils.FiniteGuard`). Nothing non-finit
 
 One trainer per checkpoint_dir: the run holds `train.lock` (see `checkpoints.TrainingLock`); a second one
 exits at once naming the first (pid, host).
+
+Watching: with `Config.viewer_port` set, rank 0 serves the live browser viewer (`mipnerf360.viewer`) for the run.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 import tqdm
 import torch
 
-from mipnerf360 import checkpoints, configs, image, models, train_utils, utils, vis
+from mipnerf360 import checkpoints, configs, image, models, train_utils, utils, viewer, vis
 from mipnerf360.cli import common
 from mipnerf360.cli.eval import _decimate
 
@@ -92,6 +94,7 @@ class _Run:
     num_params: int
     last_saved: int
     num_skipped: int = 0  # Non-finite steps skipped so far (as last read from the guard).
+    viewer: Any = None  # The live browser viewer (Config.viewer_port), rank 0 only.
 
     @property
     def is_main(self) -> bool:
@@ -256,6 +259,8 @@ def _train_loop(run: _Run, log: _Logger, stopper: _Stopper) -> int:
         run.state, stats = train_utils.train_step(run.state, batch, run.cameras, config, rng,
                                                   camtype=run.dataset.camtype)
         log.record(stats)
+        if run.viewer is not None:
+            run.viewer.update(run.base_model, step)  # A no-op unless a browser is watching.
         if step == run.init_step or step % config.print_every == 0 or step == run.num_steps:
             _check_finite(run, log, step)
             if run.is_main:
@@ -294,6 +299,8 @@ def main(unused_argv):
 
 def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, lock_message: Optional[str]):
     """Setup, the loop and the cleanup of a run, in a checkpoint_dir this process has locked."""
+    if config.viewer_port is not None and rank == 0:
+        viewer.import_viser()  # A missing viser is reported before anything slow starts.
     run = _setup(config, rank, world_size, local_rank)
     log = _Logger(run)
     if lock_message:
@@ -303,6 +310,11 @@ def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, 
     stopper = _Stopper()
     stopper.install()
     try:
+        if config.viewer_port is not None and run.is_main:
+            test_scene = run.test_dataset.scene if run.test_dataset is not None else None
+            run.viewer = viewer.Viewer(run.base_model, config, run.dataset.scene, config.viewer_port,
+                                       step=run.init_step - 1, **viewer.initial_camera_of(test_scene))
+            log(f'Viewer at {run.viewer.url}')
         _train_loop(run, log, stopper)
         _check_finite(run, log, run.state.step)
     except train_utils.NonFiniteError as e:
@@ -314,6 +326,8 @@ def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, 
         raise SystemExit(130) from None
     finally:
         log.close()
+        if run.viewer is not None:
+            run.viewer.close()
         stopper.uninstall()
         run.dataset.close()
         if run.test_dataset is not None:
