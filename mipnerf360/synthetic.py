@@ -875,8 +875,9 @@ def write_shiny_blender_scene(out_dir: str, n_train: int = 16, n_val: int = 2, n
     reflecting each other and an analytic environment map, on a transparent background.
 
     As the NeRF-synthetic layout (`transforms_{split}.json`, RGBA PNGs `{split}/r_{i}.png`, colour not
-    premultiplied), plus for the test views the normal maps `test/r_{i}_normal.png` that the Blender loader
-    reads with `Config.compute_normal_metrics` (RGBA; see `normals_to_png`), rendered at the pixel centres.
+    premultiplied), plus for every view the normal map `{split}/r_{i}_normal.png` that the Blender loader reads
+    with `Config.compute_normal_metrics` (RGBA; see `normals_to_png`), rendered at the pixel centres; the
+    returned ground truth holds the test views' normals.
     """
     normals, masks = [], []
 
@@ -886,10 +887,11 @@ def write_shiny_blender_scene(out_dir: str, n_train: int = 16, n_val: int = 2, n
         rgb = rgb.reshape(height, width, s * s, 3).mean(2)
         alpha = alpha.reshape(height, width, s * s).mean(2)
         rgb = np.where(alpha[..., None] > 0, rgb / np.maximum(alpha, 1e-12)[..., None], 0.)
+        # Every split has normal maps (as the real dataset): the loader reads them for whichever split it loads.
+        _, hit, normal = trace_shiny(*subpixel_rays(c2w, pixtocam, width, height, 1), bounces=0)
+        normal, hit = normal.reshape(height, width, 3), hit.reshape(height, width) > 0
+        Image.fromarray(normals_to_png(normal, hit), 'RGBA').save(fprefix + '_normal.png')
         if split == 'test':
-            _, hit, normal = trace_shiny(*subpixel_rays(c2w, pixtocam, width, height, 1), bounces=0)
-            normal, hit = normal.reshape(height, width, 3), hit.reshape(height, width) > 0
-            Image.fromarray(normals_to_png(normal, hit), 'RGBA').save(fprefix + '_normal.png')
             normals.append(normal)
             masks.append(hit)
         return np.concatenate([rgb, alpha[..., None]], -1)

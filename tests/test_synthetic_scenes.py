@@ -50,7 +50,14 @@ def test_shiny_layout_and_normal_maps_round_trip(shiny):
         png = np.array(Image.open(os.path.join(d, 'test', f'r_{i}_normal.png')))
         assert png.shape == (32, 40, 4) and png.dtype == np.uint8
         np.testing.assert_array_equal(png[..., 3] > 0, gt.normal_masks[i])
-    assert not os.path.exists(os.path.join(d, 'train', 'r_0_normal.png'))
+    # Training views have normal maps too: training with compute_normal_metrics (blender_refnerf.gin) reads them.
+    for split, n in (('train', 3), ('val', 1)):
+        for i in range(n):
+            png = np.array(Image.open(os.path.join(d, split, f'r_{i}_normal.png')))
+            assert png.shape == (32, 40, 4) and 0.2 < (png[..., 3] > 0).mean() < 0.8
+    train = _load('train', d, dataset_loader='blender', compute_normal_metrics=True)
+    on = train.alphas > 0.99
+    np.testing.assert_allclose(np.linalg.norm(train.normal_images[on], axis=-1), 1., atol=0.01)
     ds = _load('test', d, dataset_loader='blender', compute_normal_metrics=True)
     m = gt.normal_masks
     assert 0.2 < m.mean() < 0.8

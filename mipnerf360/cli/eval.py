@@ -1,7 +1,8 @@
 """`python -m eval --gin_configs=... --gin_bindings=...`: renders the test split and writes metrics.
 
 Outputs (in `checkpoint_dir/test_preds`, as the reference): color_XXX.png, color_cc_XXX.png,
-distance_{mean,median}_XXX.tiff, acc_XXX.tiff, normals_XXX.png when predicted, the reference's
+distance_{mean,median}_XXX.tiff, acc_XXX.tiff, normals_XXX.png when predicted (Ref-NeRF: also
+normals_pred_XXX.png and roughness_XXX.tiff), the reference's
 `metric_<name>_<step>.txt` / `metric_cc_<name>_<step>.txt` (one value per image), render_times_<step>.txt, and
 `metrics.json` with the step, mean psnr / ssim (and lpips when available) and the per-image lists.
 PSNR and SSIM are computed on 8-bit quantised images (`eval_quantize_metrics`), as the reference does.
@@ -25,6 +26,7 @@ import torch
 
 from mipnerf360 import checkpoints, image, models, raw_utils, ref_utils, utils, vis
 from mipnerf360.cli import common
+from mipnerf360.cli import render as render_cli
 
 # Seconds between looks for a new checkpoint when evaluating in a loop (Config.eval_only_once = False).
 _POLL_SECONDS = 10.
@@ -142,6 +144,7 @@ def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, 
                     utils.save_img_f32(rendering[key], path_fn(f'{key}_{idx:03d}.tiff'))
             if 'normals' in rendering:
                 utils.save_img_u8(rendering['normals'] / 2. + 0.5, path_fn(f'normals_{idx:03d}.png'))
+            render_cli.save_refnerf_outputs(rendering, path_fn, f'{idx:03d}')
             utils.save_img_f32(rendering['acc'], path_fn(f'acc_{idx:03d}.tiff'))
 
     if writer is not None:

@@ -2,13 +2,14 @@
 and writes mp4 videos.
 
 Frames go to `render_dir` (default `checkpoint_dir/render`) / `path_renders_step_<step>` as
-color_XXX.png, normals_XXX.png, distance_{mean,median}_XXX.tiff and acc_XXX.tiff, with `render_manifest.json`
+color_XXX.png, normals_XXX.png, distance_{mean,median}_XXX.tiff and acc_XXX.tiff (Ref-NeRF models add
+normals_pred_XXX.png and roughness_XXX.tiff, see `save_refnerf_outputs`), with `render_manifest.json`
 recording what made them (checkpoint, frame count, resolution, path settings). Frames already on disk are
 skipped, so a crashed render resumes; frames made with other settings are deleted and re-rendered, so a video
 never mixes two camera paths. `render_job_id` / `render_num_jobs` split the frames across processes, and under
 `torchrun --nproc_per_node=N -m render` the ranks split each job's frames further.
-When every frame exists, videos `<scene>_<exp>_<name>_{color,normals,acc,distance_mean,distance_median}.mp4`
-are written with the ffmpeg bundled in imageio-ffmpeg.
+When every frame exists, videos `<scene>_<exp>_<name>_<kind>.mp4` are written for every kind of frame there is
+(color, normals, acc, distance_mean, distance_median; Ref-NeRF: normals_pred, roughness as tanh(roughness)) with the ffmpeg bundled in imageio-ffmpeg.
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ def create_videos(config, base_dir: str, out_dir: str, out_name: str, num_frames
     curve = lambda x: config.render_dist_curve_fn(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
     lo, hi = [float(curve(x)) for x in limits]
     written = []
-    for k in ['color', 'normals', 'acc', 'distance_mean', 'distance_median']:
-        ext = 'png' if k in ('color', 'normals') else 'tiff'
+    for k, ext in _FRAME_KINDS:
         if not os.path.exists(name_of(k, 0, ext)):
             continue
         missing = [name_of(k, i, ext) for i in range(num_frames) if not os.path.exists(name_of(k, i, ext))]
@@ -87,8 +87,10 @@ def create_videos(config, base_dir: str, out_dir: str, out_name: str, num_frames
         def frames(k=k, ext=ext):
             for i in range(num_frames):
                 img = utils.load_img(name_of(k, i, ext))
-                if k in ('color', 'normals'):
+                if ext == 'png':
                     img = img / 255.
+                elif k == 'roughness':
+                    img = np.tanh(img)  # As vis.visualize_suite shows roughness in [0, 1).
                 elif k.startswith('distance'):
                     img = np.clip((curve(img) - min(lo, hi)) / max(abs(hi - lo), 1e-12), 0, 1)
                     img = vis.colormap_turbo(img)
@@ -112,8 +114,17 @@ _MANIFEST_FIELDS = ('render_path', 'render_path_frames', 'render_path_file', 'z_
                     'render_spline_smoothness', 'render_spline_interpolate_exposure', 'dataset_loader', 'data_dir',
                     'factor', 'forward_facing', 'llffhold', 'llff_use_all_images_for_training', 'near', 'far',
                     'rawnerf_mode', 'exposure_percentile', 'autoexpose_renders')
-_FRAME_KINDS = (('color', 'png'), ('normals', 'png'), ('distance_mean', 'tiff'), ('distance_median', 'tiff'),
-                ('acc', 'tiff'))
+_FRAME_KINDS = (('color', 'png'), ('normals', 'png'), ('acc', 'tiff'), ('distance_mean', 'tiff'),
+                ('distance_median', 'tiff'), ('normals_pred', 'png'), ('roughness', 'tiff'))
+
+
+def save_refnerf_outputs(rendering: Dict[str, Any], path_fn, idx_str: str):
+    """Ref-NeRF's extra images, where the model renders them: the predicted normals as normals_pred_<i>.png
+    (n / 2 + 0.5, as the density normals) and the roughness as roughness_<i>.tiff (float32, unscaled)."""
+    if rendering.get('normals_pred') is not None:
+        utils.save_img_u8(rendering['normals_pred'] / 2. + 0.5, path_fn(f'normals_pred_{idx_str}.png'))
+    if rendering.get('roughness') is not None:
+        utils.save_img_f32(np.asarray(rendering['roughness'])[..., 0], path_fn(f'roughness_{idx_str}.tiff'))
 
 
 def _file_digest(path: Optional[str]) -> Optional[str]:
@@ -219,6 +230,7 @@ def _render(config, dataset, model, ckpt_path, step, base_dir, out_dir, out_name
         utils.save_img_u8(postprocess_fn(rendering['rgb']), path_fn(f'color_{idx_str}.png'))
         if 'normals' in rendering:
             utils.save_img_u8(rendering['normals'] / 2. + 0.5, path_fn(f'normals_{idx_str}.png'))
+        save_refnerf_outputs(rendering, path_fn, idx_str)
         utils.save_img_f32(rendering['distance_mean'], path_fn(f'distance_mean_{idx_str}.tiff'))
         utils.save_img_f32(rendering['distance_median'], path_fn(f'distance_median_{idx_str}.tiff'))
         utils.save_img_f32(rendering['acc'], path_fn(f'acc_{idx_str}.tiff'))
