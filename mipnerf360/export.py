@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import tqdm
 
-from mipnerf360 import camera_utils, models
+from mipnerf360 import camera_utils, configs, models
 
 FRAMES = ('input', 'normalized')
 METHODS = ('tsdf', 'density')
@@ -46,7 +46,7 @@ METHODS = ('tsdf', 'density')
 BBox = Tuple[np.ndarray, np.ndarray]
 
 
-class ExportError(ValueError):
+class ExportError(configs.ConfigError):
     """A user-fixable problem with the export settings (the message names the option and the fix)."""
 
 

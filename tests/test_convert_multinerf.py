@@ -170,8 +170,9 @@ def test_training_resumes_from_converted_checkpoint(tmp_path, converted):
     config = _config()  # Other tests may have parsed other bindings since the fixture was built.
     checkpoints.save_checkpoint(str(tmp_path), state, state['step'])
     model = models.construct_model(config=config, seed=123)  # Other initial weights: the restore must win.
-    optimizer, lr_fn = train_utils.create_optimizer(config, model)
-    step = common.restore_model(model, config, torch.device('cpu'), optimizer=optimizer,
+    train_state = train_utils.create_train_state(config, model)
+    optimizer = train_state.optimizer
+    step = common.restore_model(model, config, torch.device('cpu'), train_state=train_state,
                                 path=checkpoints.latest_checkpoint(str(tmp_path)))
     assert step == 400
     params = list(model.parameters())
@@ -182,8 +183,8 @@ def test_training_resumes_from_converted_checkpoint(tmp_path, converted):
     rays, ref = _reference_rays()
     batch = utils.Batch(rays=rays, rgb=torch.from_numpy(ref['level2_rgb']).clamp(0, 1))
     model.train()
-    stats = train_utils.train_step(model, optimizer, lr_fn, batch, None, 1.0, step + 1, config,
-                                   torch.Generator().manual_seed(0))
+    _, stats = train_utils.train_step(train_state, batch, None, config, torch.Generator().manual_seed(0),
+                                      train_frac=1.0)
     assert np.isfinite(float(stats['loss']))
     assert float(optimizer.state[params[0]]['step']) == 401
     assert not torch.equal(optimizer.state[params[0]]['exp_avg'], before[0])

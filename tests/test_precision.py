@@ -73,10 +73,10 @@ def test_bf16_gradients_finite_and_training_decreases_loss_like_fp32():
     curves = {}
     for precision in ('fp32', 'bf16'):
         model = _model(precision)
-        optimizer, lr_fn = train_utils.create_optimizer(config, model)
+        state = train_utils.create_train_state(config, model)
         losses = []
         for step in range(1, 31):
-            stats = train_utils.train_step(model, optimizer, lr_fn, batch, None, step / 30, step, config, None)
+            state, stats = train_utils.train_step(state, batch, None, config, None, train_frac=step / 30)
             if step == 1:
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
                 assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
