@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -198,6 +198,23 @@ def main(unused_argv):
         dataset.close()
 
 
+def raw_postprocess_fn(config, scene) -> Callable[[np.ndarray], np.ndarray]:
+    """How a rendered colour becomes the saved frame: unchanged, or for RawNeRF (`rawnerf_mode`) raw -> sRGB
+    (`raw_utils.postprocess_raw` with the scene's first image's colour matrix) at one fixed exposure for the
+    whole video: the `exposure_percentile` of the scene's first image mapped to white. With
+    `autoexpose_renders` each frame is exposed on its own (its 97th percentile to white, as the reference's
+    'color_auto' training visualisation), so a path through a dark or bright part stays visible.
+
+    The brightness of the raw render itself follows the rays' `exposure_values`: the first image's shutter
+    ratio, or along a spline path with `render_spline_interpolate_exposure` the keyframes' interpolated ones."""
+    if not config.rawnerf_mode:
+        return lambda z: z
+    to_srgb = scene.metadata['postprocess_fn']
+    if config.autoexpose_renders:
+        return lambda z: to_srgb(z, None)
+    return to_srgb
+
+
 def _render(config, dataset, model, ckpt_path, step, base_dir, out_dir, out_name, rank, world_size):
     """Renders this process's share of the frames; the last process to finish (rank 0 under torchrun, after
     every rank) assembles the videos."""
@@ -207,7 +224,7 @@ def _render(config, dataset, model, ckpt_path, step, base_dir, out_dir, out_name
     _barrier(world_size)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f'Rendering checkpoint {ckpt_path} (step {step}) to {out_dir}.', flush=True)
-    postprocess_fn = dataset.scene.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
+    postprocess_fn = raw_postprocess_fn(config, dataset.scene)
     path_fn = lambda x: os.path.join(out_dir, x)
     zpad = max(3, len(str(dataset.size - 1)))
     idx_to_str = lambda i: str(i).zfill(zpad)
