@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from mipnerf360 import checkpoints, configs, datasets, synthetic, utils
-from test_cli import _check_ok, _cli, _psnr
+from test_cli import TINY_GIN, _check_ok, _cli, _psnr
 
 pytest.importorskip('pidng', reason='writing DNGs needs the optional pidng package (pip install .[raw])')
 pytest.importorskip('rawpy', reason='reading DNGs needs the optional rawpy package (pip install .[raw])')
@@ -34,26 +34,15 @@ CROP = 2  # Config.eval_crop_borders (llff_raw_test.gin's 16 would leave little 
 # Written shutter speeds for the true ones: the exposures the loader reads are wrong by these factors.
 SHUTTER_LIES = {'1/50': '1/40', '1/100': '1/125', '1/200': '1/160'}
 
-RAW_TINY_GIN = f"""
-include 'configs/llff_raw_test.gin'
+# test_cli's tiny model on llff_raw_test.gin (whose basis is already the octahedron), full resolution.
+RAW_TINY_GIN = TINY_GIN.replace("include 'configs/360.gin'", "include 'configs/llff_raw_test.gin'").format(
+        steps=STEPS) + f"""
+Config.factor = 0
 Config.eval_crop_borders = {CROP}
 Config.batch_size = 512
-Config.render_chunk_size = 4096
-Config.max_steps = {STEPS}
 Config.lr_init = 0.005
 Config.lr_final = 0.0005
-Config.lr_delay_steps = 20
 Config.checkpoint_every = 1000
-Config.print_every = 100
-Config.train_render_every = 0
-Model.num_prop_samples = 16
-Model.num_nerf_samples = 16
-PropMLP.net_depth = 1
-PropMLP.net_width = 32
-NerfMLP.net_depth = 2
-NerfMLP.net_width = 64
-NerfMLP.skip_layer = 4
-NerfMLP.bottleneck_width = 32
 """
 
 

@@ -7,6 +7,7 @@ recording what made them (checkpoint, frame count, resolution, path settings). F
 skipped, so a crashed render resumes; frames made with other settings are deleted and re-rendered, so a video
 never mixes two camera paths. `render_job_id` / `render_num_jobs` split the frames across processes, and under
 `torchrun --nproc_per_node=N -m render` the ranks split each job's frames further.
+RawNeRF (`rawnerf_mode`): colour frames are postprocessed to sRGB (`raw_postprocess_fn`, `autoexpose_renders`).
 When every frame exists, videos `<scene>_<exp>_<name>_{color,normals,acc,distance_mean,distance_median}.mp4`
 are written with the ffmpeg bundled in imageio-ffmpeg.
 """
@@ -205,8 +206,8 @@ def raw_postprocess_fn(config, scene) -> Callable[[np.ndarray], np.ndarray]:
     `autoexpose_renders` each frame is exposed on its own (its 97th percentile to white, as the reference's
     'color_auto' training visualisation), so a path through a dark or bright part stays visible.
 
-    The brightness of the raw render itself follows the rays' `exposure_values`: the first image's shutter
-    ratio, or along a spline path with `render_spline_interpolate_exposure` the keyframes' interpolated ones."""
+    The raw render's own brightness follows the rays' `exposure_values`, which on a render path are the first
+    test image's (its shutter relative to the longest), as in the reference."""
     if not config.rawnerf_mode:
         return lambda z: z
     to_srgb = scene.metadata['postprocess_fn']
