@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,raw]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -8,8 +8,10 @@ recording what made them (checkpoint, frame count, resolution, path settings). F
 skipped, so a crashed render resumes; frames made with other settings are deleted and re-rendered, so a video
 never mixes two camera paths. `render_job_id` / `render_num_jobs` split the frames across processes, and under
 `torchrun --nproc_per_node=N -m render` the ranks split each job's frames further.
+RawNeRF (`rawnerf_mode`): colour frames are postprocessed to sRGB (`raw_postprocess_fn`, `autoexpose_renders`).
 When every frame exists, videos `<scene>_<exp>_<name>_<kind>.mp4` are written for every kind of frame there is
-(color, normals, acc, distance_mean, distance_median; Ref-NeRF: normals_pred, roughness as tanh(roughness)) with the ffmpeg bundled in imageio-ffmpeg.
+(color, normals, acc, distance_mean, distance_median; Ref-NeRF: normals_pred, roughness as
+tanh(roughness)) with the ffmpeg bundled in imageio-ffmpeg.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -209,6 +211,23 @@ def main(unused_argv):
         dataset.close()
 
 
+def raw_postprocess_fn(config, scene) -> Callable[[np.ndarray], np.ndarray]:
+    """How a rendered colour becomes the saved frame: unchanged, or for RawNeRF (`rawnerf_mode`) raw -> sRGB
+    (`raw_utils.postprocess_raw` with the scene's first image's colour matrix) at one fixed exposure for the
+    whole video: the `exposure_percentile` of the scene's first image mapped to white. With
+    `autoexpose_renders` each frame is exposed on its own (its 97th percentile to white, as the reference's
+    'color_auto' training visualisation), so a path through a dark or bright part stays visible.
+
+    The raw render's own brightness follows the rays' `exposure_values`, which on a render path are the first
+    test image's (its shutter relative to the longest), as in the reference."""
+    if not config.rawnerf_mode:
+        return lambda z: z
+    to_srgb = scene.metadata['postprocess_fn']
+    if config.autoexpose_renders:
+        return lambda z: to_srgb(z, None)
+    return to_srgb
+
+
 def _render(config, dataset, model, ckpt_path, step, base_dir, out_dir, out_name, rank, world_size):
     """Renders this process's share of the frames; the last process to finish (rank 0 under torchrun, after
     every rank) assembles the videos."""
@@ -218,7 +237,7 @@ def _render(config, dataset, model, ckpt_path, step, base_dir, out_dir, out_name
     _barrier(world_size)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f'Rendering checkpoint {ckpt_path} (step {step}) to {out_dir}.', flush=True)
-    postprocess_fn = dataset.scene.metadata['postprocess_fn'] if config.rawnerf_mode else (lambda z, *_: z)
+    postprocess_fn = raw_postprocess_fn(config, dataset.scene)
     path_fn = lambda x: os.path.join(out_dir, x)
     zpad = max(3, len(str(dataset.size - 1)))
     idx_to_str = lambda i: str(i).zfill(zpad)
