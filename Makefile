@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q -x tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x -n 2 --dist loadfile tests
 
 demo: venv
 	$(PY) -m mipnerf360.cli.demo --out demo_out
