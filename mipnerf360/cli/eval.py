@@ -71,6 +71,104 @@ def _gather(obj, world_size: int):
     return out
 
 
+def _image_metrics(config, rendering, batch, metric_harness, cc_fun, postprocess_fn):
+    """PSNR / SSIM (and disparity / normal errors where the data has them) of one rendered test image, plain and
+    colour-corrected; adds 'rgb_cc' to `rendering`."""
+    gt_rgb = np.asarray(batch.rgb, dtype=np.float64)
+    rendering['rgb'] = np.asarray(rendering['rgb'], dtype=np.float64)
+    rendering['rgb_cc'] = np.asarray(cc_fun(rendering['rgb'], gt_rgb))
+    rgb, rgb_cc, rgb_gt = (postprocess_fn(rendering['rgb']), postprocess_fn(rendering['rgb_cc']),
+                           postprocess_fn(gt_rgb))
+    if config.eval_quantize_metrics:
+        # Metrics on exactly the 8-bit images written to disk.
+        rgb = np.round(np.clip(rgb, 0, 1) * 255) / 255
+        rgb_cc = np.round(np.clip(rgb_cc, 0, 1) * 255) / 255
+    if config.eval_crop_borders > 0:
+        c = config.eval_crop_borders
+        rgb, rgb_cc, rgb_gt = rgb[c:-c, c:-c], rgb_cc[c:-c, c:-c], rgb_gt[c:-c, c:-c]
+    metric = metric_harness(rgb, rgb_gt)
+    metric_cc = metric_harness(rgb_cc, rgb_gt)
+    if config.compute_disp_metrics and batch.disps is not None:
+        for tag in ['mean', 'median']:
+            key = f'distance_{tag}'
+            if key in rendering:
+                disparity = 1 / (1 + rendering[key])
+                metric[f'disparity_{tag}_mse'] = float(((disparity - batch.disps)**2).mean())
+    if config.compute_normal_metrics and batch.normals is not None:
+        weights = torch.as_tensor(rendering['acc'] * batch.alphas)
+        normals_gt = ref_utils.l2_normalize(torch.as_tensor(batch.normals))
+        for key, val in rendering.items():
+            if key.startswith('normals') and val is not None:
+                metric[key + '_mae'] = float(ref_utils.compute_weighted_mae(
+                        weights, ref_utils.l2_normalize(torch.as_tensor(val)), normals_gt))
+    metric = {k: float(v) for k, v in metric.items() if v is not None}
+    metric_cc = {k: float(v) for k, v in metric_cc.items() if v is not None}
+    return metric, metric_cc
+
+
+def _save_image_outputs(rendering, idx: int, path_fn, postprocess_fn):
+    """The reference's per-image eval outputs: colour, colour-corrected, distances, normals, acc."""
+    utils.save_img_u8(postprocess_fn(rendering['rgb']), path_fn(f'color_{idx:03d}.png'))
+    utils.save_img_u8(postprocess_fn(rendering['rgb_cc']), path_fn(f'color_cc_{idx:03d}.png'))
+    for key in ['distance_mean', 'distance_median']:
+        if key in rendering:
+            utils.save_img_f32(rendering[key], path_fn(f'{key}_{idx:03d}.tiff'))
+    if 'normals' in rendering:
+        utils.save_img_u8(rendering['normals'] / 2. + 0.5, path_fn(f'normals_{idx:03d}.png'))
+    render_cli.save_refnerf_outputs(rendering, path_fn, f'{idx:03d}')
+    utils.save_img_f32(rendering['acc'], path_fn(f'acc_{idx:03d}.tiff'))
+
+
+def _write_showcases(config, showcases, step: int, writer, path_fn, postprocess_fn):
+    """Showcase images to tensorboard (decimated by `vis_decimate`) and, with `eval_save_ray_data`, their rays."""
+    if writer is not None:
+        for i, r, b in showcases:
+            # The ray_* bundles are [rays, samples], not images: they stay whole.
+            r = {k: v if k.startswith('ray_') else _decimate(v, config.vis_decimate) for k, v in r.items()}
+            b = _decimate(b, config.vis_decimate)
+            for k, v in vis.visualize_suite(r, b.rays).items():
+                v = np.clip(np.asarray(postprocess_fn(v) if k == 'color' else v), 0, 1)
+                writer.add_image(f'output_{k}_{i}', v, step, dataformats='HWC' if v.ndim == 3 else 'HW')
+    if config.eval_save_output and config.eval_save_ray_data:
+        with np.printoptions(threshold=sys.maxsize):
+            for i, r, _ in showcases:
+                _write_text(path_fn(f'ray_data_{step}_{i}.txt'), repr({k: v for k, v in r.items() if 'ray_' in k}))
+
+
+def _summarise(results, step: int):
+    """Mean metrics over the images {idx: (metric, metric_cc, render_time)}, with the per-image lists."""
+    ordered = [results[i] for i in sorted(results)]
+    metrics = [m for m, _, _ in ordered]
+    metrics_cc = [m for _, m, _ in ordered]
+    names = list(metrics[0]) if metrics else []
+    names_cc = list(metrics_cc[0]) if metrics_cc else []
+    summary = {'step': step, 'num_images': len(metrics)}
+    for name in names:
+        summary[name] = float(np.mean([m[name] for m in metrics]))
+    for name in names_cc:
+        summary[f'cc_{name}'] = float(np.mean([m[name] for m in metrics_cc]))
+    return summary, metrics, metrics_cc, [t for _, _, t in ordered]
+
+
+def _write_metric_files(summary, metrics, metrics_cc, render_times, non_finite, step: int, out_dir: str):
+    """The reference's metric_<name>_<step>.txt and render_times_<step>.txt, and metrics.json (valid JSON:
+    non-finite values written as null and listed under 'non_finite')."""
+    path_fn = lambda x: os.path.join(out_dir, x)
+    names = list(metrics[0]) if metrics else []
+    os.makedirs(out_dir, exist_ok=True)
+    _write_text(path_fn(f'render_times_{step}.txt'), ' '.join(str(r) for r in render_times))
+    for name in names:
+        _write_text(path_fn(f'metric_{name}_{step}.txt'), ' '.join(str(m[name]) for m in metrics))
+    for name in (list(metrics_cc[0]) if metrics_cc else []):
+        _write_text(path_fn(f'metric_cc_{name}_{step}.txt'), ' '.join(str(m[name]) for m in metrics_cc))
+    doc = {k: (None if k in non_finite else v) for k, v in summary.items()}
+    doc['per_image'] = {name: _finite_or_none([m[name] for m in metrics]) for name in names}
+    doc['render_times'] = render_times
+    if non_finite:
+        doc['non_finite'] = non_finite
+    _write_text(path_fn('metrics.json'), json.dumps(doc, indent=1, allow_nan=False))
+
+
 def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, log=print, rank: int = 0,
                   world_size: int = 1):
     """Renders every test image, computes the metrics and writes them; returns the metrics.json dict.
@@ -99,93 +197,24 @@ def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, 
         rendering = _to_numpy(rendering)
         batch = _to_numpy(batch)
         render_time = time.time() - t0
-        gt_rgb = np.asarray(batch.rgb, dtype=np.float64)
-        rendering['rgb'] = np.asarray(rendering['rgb'], dtype=np.float64)
-        rendering['rgb_cc'] = np.asarray(cc_fun(rendering['rgb'], gt_rgb))
-
-        rgb, rgb_cc, rgb_gt = (postprocess_fn(rendering['rgb']), postprocess_fn(rendering['rgb_cc']),
-                               postprocess_fn(gt_rgb))
-        if config.eval_quantize_metrics:
-            # Metrics on exactly the 8-bit images written to disk.
-            rgb = np.round(np.clip(rgb, 0, 1) * 255) / 255
-            rgb_cc = np.round(np.clip(rgb_cc, 0, 1) * 255) / 255
-        if config.eval_crop_borders > 0:
-            c = config.eval_crop_borders
-            rgb, rgb_cc, rgb_gt = rgb[c:-c, c:-c], rgb_cc[c:-c, c:-c], rgb_gt[c:-c, c:-c]
-        metric = metric_harness(rgb, rgb_gt)
-        metric_cc = metric_harness(rgb_cc, rgb_gt)
-        if config.compute_disp_metrics and batch.disps is not None:
-            for tag in ['mean', 'median']:
-                key = f'distance_{tag}'
-                if key in rendering:
-                    disparity = 1 / (1 + rendering[key])
-                    metric[f'disparity_{tag}_mse'] = float(((disparity - batch.disps)**2).mean())
-        if config.compute_normal_metrics and batch.normals is not None:
-            weights = torch.as_tensor(rendering['acc'] * batch.alphas)
-            normals_gt = ref_utils.l2_normalize(torch.as_tensor(batch.normals))
-            for key, val in rendering.items():
-                if key.startswith('normals') and val is not None:
-                    metric[key + '_mae'] = float(ref_utils.compute_weighted_mae(
-                            weights, ref_utils.l2_normalize(torch.as_tensor(val)), normals_gt))
-        metric = {k: float(v) for k, v in metric.items() if v is not None}
-        metric_cc = {k: float(v) for k, v in metric_cc.items() if v is not None}
+        metric, metric_cc = _image_metrics(config, rendering, batch, metric_harness, cc_fun, postprocess_fn)
         results[idx] = (metric, metric_cc, render_time)
         log(f'Image {idx + 1}/{num_eval}: rendered in {render_time:0.2f}s, ' +
                 ', '.join(f'{k}={v:.4f}' for k, v in metric.items()))
         if keep_showcases and idx in showcase:
             showcase_idx = idx if config.deterministic_showcase else len(showcases)
             showcases.append((showcase_idx, rendering, batch))
-
         if config.eval_save_output and config.eval_render_interval > 0 and idx % config.eval_render_interval == 0:
-            utils.save_img_u8(postprocess_fn(rendering['rgb']), path_fn(f'color_{idx:03d}.png'))
-            utils.save_img_u8(postprocess_fn(rendering['rgb_cc']), path_fn(f'color_cc_{idx:03d}.png'))
-            for key in ['distance_mean', 'distance_median']:
-                if key in rendering:
-                    utils.save_img_f32(rendering[key], path_fn(f'{key}_{idx:03d}.tiff'))
-            if 'normals' in rendering:
-                utils.save_img_u8(rendering['normals'] / 2. + 0.5, path_fn(f'normals_{idx:03d}.png'))
-            render_cli.save_refnerf_outputs(rendering, path_fn, f'{idx:03d}')
-            utils.save_img_f32(rendering['acc'], path_fn(f'acc_{idx:03d}.tiff'))
-
-    if writer is not None:
-        for i, r, b in showcases:
-            r, b = _decimate(r, config.vis_decimate), _decimate(b, config.vis_decimate)
-            for k, v in vis.visualize_suite(r, b.rays).items():
-                v = np.clip(np.asarray(postprocess_fn(v) if k == 'color' else v), 0, 1)
-                writer.add_image(f'output_{k}_{i}', v, step, dataformats='HWC' if v.ndim == 3 else 'HW')
-    if config.eval_save_output and config.eval_save_ray_data:
-        with np.printoptions(threshold=sys.maxsize):
-            for i, r, _ in showcases:
-                _write_text(path_fn(f'ray_data_{step}_{i}.txt'), repr({k: v for k, v in r.items() if 'ray_' in k}))
+            _save_image_outputs(rendering, idx, path_fn, postprocess_fn)
+    _write_showcases(config, showcases, step, writer, path_fn, postprocess_fn)
 
     for part in _gather(results, world_size):
         results.update(part)
-    ordered = [results[i] for i in sorted(results)]
-    metrics = [m for m, _, _ in ordered]
-    metrics_cc = [m for _, m, _ in ordered]
-    render_times = [t for _, _, t in ordered]
+    summary, metrics, metrics_cc, render_times = _summarise(results, step)
     names = list(metrics[0]) if metrics else []
-    names_cc = list(metrics_cc[0]) if metrics_cc else []
-    summary = {'step': step, 'num_images': len(metrics)}
-    for name in names:
-        summary[name] = float(np.mean([m[name] for m in metrics]))
-    for name in names_cc:
-        summary[f'cc_{name}'] = float(np.mean([m[name] for m in metrics_cc]))
     non_finite = sorted(k for k, v in summary.items() if isinstance(v, float) and not np.isfinite(v))
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        _write_text(path_fn(f'render_times_{step}.txt'), ' '.join(str(r) for r in render_times))
-        for name in names:
-            _write_text(path_fn(f'metric_{name}_{step}.txt'), ' '.join(str(m[name]) for m in metrics))
-        for name in names_cc:
-            _write_text(path_fn(f'metric_cc_{name}_{step}.txt'), ' '.join(str(m[name]) for m in metrics_cc))
-        # JSON has no NaN / Infinity: non-finite values are written as null and listed under 'non_finite'.
-        doc = {k: (None if k in non_finite else v) for k, v in summary.items()}
-        doc['per_image'] = {name: _finite_or_none([m[name] for m in metrics]) for name in names}
-        doc['render_times'] = render_times
-        if non_finite:
-            doc['non_finite'] = non_finite
-        _write_text(path_fn('metrics.json'), json.dumps(doc, indent=1, allow_nan=False))
+        _write_metric_files(summary, metrics, metrics_cc, render_times, non_finite, step, out_dir)
     summary['per_image'] = {name: [m[name] for m in metrics] for name in names}
     summary['render_times'] = render_times
     if writer is not None:
