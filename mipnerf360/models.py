@@ -5,8 +5,8 @@ Mirrors multinerf's `internal/models.py`:
                    options); `PropMLP` / `NerfMLP` are its gin-configurable subclasses.
   `Model`          the sampling loop of mip-NeRF 360 (Sec. 3 of arXiv:2111.12077): proposal levels driven by one
                    shared `PropMLP`, a final level rendered with the `NerfMLP`.
-  `construct_model`, `render_image`; `compile_model` (`Config.compile`) and `apply_precision` /
-  `Model.set_precision` (`Config.precision`).
+  `construct_model`, `render_image` (`auto_render_chunk_size` when `Config.render_chunk_size` is None);
+  `compile_model` (`Config.compile`) and `apply_precision` / `Model.set_precision` (`Config.precision`).
 
 Randomness: `Model.forward(rng, ...)` draws every random number of a pass up front (`Model.draw_noise`, in a
 fixed order) and hands them to `Model.render_rays`, which holds no generator and no host sync: that is what

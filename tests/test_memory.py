@@ -12,6 +12,7 @@ import torch
 from mipnerf360 import configs, memory, models, train_utils, utils
 from mipnerf360.cli import common
 
+from syncguard import no_host_sync
 from test_models import _random_rays, _tiny_model
 
 
@@ -62,6 +63,14 @@ def test_checkpoint_nerf_mlp_same_gradients_fewer_saved_bytes(density_normals):
         assert checkpointed_bytes <= plain_bytes
     else:
         assert checkpointed_bytes <= plain_bytes - trunk
+
+
+def test_checkpointed_forward_and_backward_hold_no_host_sync():
+    model = _noisy_model()
+    model.nerf_mlp.checkpoint_trunk = True
+    rays = _random_rays(8)
+    with no_host_sync():
+        _grads(model, rays)
 
 
 def test_config_checkpoint_nerf_mlp_reaches_the_nerf_mlp():
