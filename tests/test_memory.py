@@ -172,3 +172,30 @@ def test_out_of_memory_is_one_line_naming_the_settings(capsys):
     for name in ('Config.grad_accum_steps', 'Config.batch_size', 'Config.max_steps', 'Config.render_chunk_size',
                  'learning rate unchanged'):
         assert name in err
+
+
+def test_checkpointed_model_compiles_whole_with_the_same_gradients():
+    import torch._dynamo
+    from test_compile import _tiny_model as _compile_model
+    torch._dynamo.reset()
+    try:
+        model = _compile_model()
+        model.nerf_mlp.checkpoint_trunk = True
+        rays = _random_rays(6, dtype=torch.float32)
+        noise = model.draw_noise(torch.Generator().manual_seed(0), (6,), torch.float32, torch.device('cpu'))
+        frac = torch.tensor(0.3, dtype=torch.float64)
+        explained = torch._dynamo.explain(model.render_rays)(noise, rays, frac, False, False)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        torch._dynamo.reset()
+        grads = []
+        for compiled in (False, True):
+            if compiled:
+                models.compile_model(model, 'model', backend='aot_eager')
+            model.zero_grad(set_to_none=True)
+            renderings, _ = model(torch.Generator().manual_seed(3), rays, 0.3, compute_extras=False, zero_glo=False)
+            renderings[-1]['rgb'].sum().backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        for k in grads[0]:
+            torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)
+    finally:
+        torch._dynamo.reset()
