@@ -1,11 +1,13 @@
 """Throughput of the real training step (`train_utils.train_step`) for a gin config.
 
-    python bench/bench_train.py --gin_configs=configs/demo.gin [--gin_bindings=...] [--device=cpu|cuda]
-        [--steps=10 --warmup=3] [--compile=none|model|mlp] [--amp] [--append]
+    python bench/bench_train.py --gin_configs=configs/360.gin [--gin_bindings=...] [--device=cpu|cuda]
+        [--batch_size=N] [--steps=10 --warmup=3] [--precision=fp32|tf32|bf16] [--compile=none|mlp|model]
+        [--grad_accum_steps=K|auto] [--checkpoint_nerf_mlp] [--append]
 
 Rays are drawn from cameras around the generated scene of `mipnerf360.synthetic` (targets ray-traced there),
-a few different batches in turn. Prints one line: ms/step (median over --steps after --warmup), rays/s, peak
-memory (process RSS on CPU, torch.cuda.max_memory_allocated on GPU). --append also records it in
+a few different batches in turn. The model is built as `python -m train` builds it (Config.precision,
+Config.compile through `models.compile_model`). Prints one line: ms/step (median over --steps after --warmup),
+rays/s, peak memory (process RSS on CPU, torch.cuda.max_memory_allocated on GPU). --append also records it in
 bench/RESULTS.md.
 """
 
@@ -28,14 +30,19 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int, default=10, help='timed steps')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first')
     p.add_argument('--num_batches', type=int, default=4, help='distinct batches cycled through')
+    p.add_argument('--grad_accum_steps', default=None, help="Config.grad_accum_steps: an integer or 'auto'")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from mipnerf360 import train_utils
-    config, device, model, amp = benchlib.setup_model(args, train=True)
-    batch_size = args.batch_size or config.batch_size
+    from mipnerf360 import memory, train_utils
+    accum = args.grad_accum_steps
+    accum = None if accum is None else accum if accum == 'auto' else int(accum)
+    config, device, model = benchlib.setup_model(args, train=True, batch_size=args.batch_size,
+                                                 grad_accum_steps=accum)
+    config = memory.resolve_grad_accum_steps(config, model)
+    batch_size = config.batch_size
     state = train_utils.create_train_state(config, model)
 
     batches = [benchlib.scene_rays(batch_size, config, device, seed=args.seed + i)
@@ -46,10 +53,8 @@ def main(argv=None):
         rng = torch.Generator(device=device)
         rng.manual_seed(args.seed * 7919 + i)
         train_frac = min(i / max(config.max_steps - 1, 1), 1.)
-        with amp:
-            state.step = i
-            _, stats = train_utils.train_step(state, batches[i % len(batches)], None, config, rng,
-                                              train_frac=train_frac)
+        state.step = i
+        _, stats = train_utils.train_step(state, batches[i % len(batches)], None, config, rng, train_frac=train_frac)
         losses.append(stats['loss'])
 
     benchlib.reset_peak_memory(device)
@@ -61,13 +66,14 @@ def main(argv=None):
     mem = benchlib.peak_memory_mib(device)
     final_loss = float(losses[-1])
     cfg = '+'.join(os.path.basename(c) for c in args.gin_configs)
-    flags = (f"compile={args.compile}{' amp=bf16' if args.amp else ''}"
-             f"{' malloc_tune' if args.malloc_tune else ''} threads={torch.get_num_threads()}")
+    flags = benchlib.mode_flags(config, args) + f' grad_accum_steps={config.grad_accum_steps}'
     line = (f'train_step {cfg} device={device.type} batch={batch_size} {flags}: {ms:.1f} ms/step (median of '
             f'{args.steps}, min {1e3 * min(times):.1f}; CPU time {cpu_ms:.1f} ms/step), {rays_per_s:.0f} rays/s, '
             f'peak '
             f"{'GPU mem' if device.type == 'cuda' else 'RSS'} {mem:.0f} MiB, last loss {final_loss:.6f}")
     print(line, flush=True)
+    benchlib.write_json(args, {'bench': 'train', 'config': cfg, 'flags': flags, 'batch': batch_size, 'ms': ms,
+                               'rays_per_s': rays_per_s, 'peak_mib': mem, 'loss': final_loss})
     if args.append:
         mem_kind = 'torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'RSS'
         benchlib.append_result(

@@ -143,41 +143,60 @@ def append_result(title: str, device: torch.device, figures: Dict[str, str], not
 
 
 def add_common_args(p) -> None:
-    """Flags shared by the benchmarks: config, device, compile/amp/malloc options, result recording."""
+    """Flags shared by the benchmarks: config, device, precision/compile modes, malloc option, result recording."""
     p.add_argument('--gin_configs', nargs='+', default=['configs/demo.gin'])
     p.add_argument('--gin_bindings', nargs='*', default=[])
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--compile', choices=['none', 'model', 'mlp'], default='none',
-                   help='torch.compile the whole Model or only its MLPs')
-    p.add_argument('--amp', action='store_true', help='bf16 autocast around the timed work')
+    p.add_argument('--precision', choices=['fp32', 'tf32', 'bf16'], default=None,
+                   help="Config.precision (default: the config's; None there is TF32 on CUDA, float32 on CPU)")
+    p.add_argument('--compile', choices=['none', 'mlp', 'model'], default=None,
+                   help="Config.compile (models.compile_model; default: the config's)")
+    p.add_argument('--checkpoint_nerf_mlp', action='store_true', help='Config.checkpoint_nerf_mlp = True')
     p.add_argument('--malloc_tune', action='store_true',
                    help='keep freed memory in the process (glibc mallopt; see utils.tune_glibc_malloc)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--append', action='store_true', help='append the result to bench/RESULTS.md')
     p.add_argument('--label', default='', help='free text recorded with --append')
+    p.add_argument('--json', default=None, help='append the figures as one JSON line to this file')
 
 
-def setup_model(args, train: bool):
-    """Applies the common flags and builds the model; returns (config, device, model, amp context)."""
-    import contextlib
-    import sys
-    from mipnerf360 import models, utils
+def write_json(args, row: Dict[str, object]) -> None:
+    """Appends `row` (with the label) as one JSON line to `args.json`, when given (gpu_check.sh's table)."""
+    if args.json:
+        import json
+        with open(args.json, 'a') as f:
+            f.write(json.dumps({'label': args.label, **row}) + '\n')
+
+
+def setup_model(args, train: bool, **overrides):
+    """Applies the common flags and builds the model as train / eval / render do (`cli.common.build_model`: seeded,
+    at Config.precision, compiled as Config.compile says); returns (config, device, model). `overrides` are
+    further Config fields."""
+    import dataclasses
+    from mipnerf360 import configs, utils
+    from mipnerf360.cli import common
     if args.malloc_tune and not utils.tune_glibc_malloc():
         print('warning: --malloc_tune had no effect (not glibc?)', file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_config(args.gin_configs, args.gin_bindings)
+    flags = dict(precision=args.precision, compile=args.compile,
+                 checkpoint_nerf_mlp=args.checkpoint_nerf_mlp or None)
+    config = dataclasses.replace(config, **{k: v for k, v in {**flags, **overrides}.items() if v is not None})
+    configs.validate_config(config)
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    model = models.Model(config=config).to(device)
+    model = common.build_model(dataclasses.replace(config, seed=args.seed), device)
     model.train(train)
-    if args.compile == 'model':
-        model.compile()
-    elif args.compile == 'mlp':
-        for mlp in (model.nerf_mlp, model.prop_mlp):
-            if mlp is not None:
-                mlp.compile()
-    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.amp
-           else contextlib.nullcontext())
-    return config, device, model, amp
+    return config, device, model
+
+
+def mode_flags(config, args) -> str:
+    """The modes a figure was measured in, e.g. 'precision=bf16 compile=model threads=2'."""
+    from mipnerf360 import models
+    parts = [f'precision={models.resolve_precision(config.precision, args.device)}', f'compile={config.compile}']
+    if config.checkpoint_nerf_mlp:
+        parts.append('checkpoint_nerf_mlp')
+    if args.malloc_tune:
+        parts.append('malloc_tune')
+    return ' '.join(parts + [f'threads={torch.get_num_threads()}'])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import gin
 import torch
@@ -68,7 +68,9 @@ class Config:
     render_dir: Optional[str] = None  # Output rendering directory.
     data_dir: Optional[str] = None  # Input data directory.
     vocab_tree_path: Optional[str] = None  # Path to vocab tree for COLMAP.
-    render_chunk_size: int = 16384  # Chunk size for whole-image renderings.
+    # Chunk size for whole-image renderings; None: sized from the free memory on CUDA (models.auto_render_chunk_size),
+    # 16384 elsewhere.
+    render_chunk_size: Optional[int] = None
     num_showcase_images: int = 5  # The number of test-set images to showcase.
     deterministic_showcase: bool = True  # If True, showcase the same images.
     vis_num_rays: int = 16  # The number of rays to visualize.
@@ -176,7 +178,13 @@ class Config:
     # and the terms; nothing non-finite is saved) or 'skip_step' (that update is not applied, and counted).
     nan_max_skips_in_a_row: int = 100  # 'skip_step' stops after this many skipped steps in a row.
     resume_fallback: bool = False  # Resume from the newest intact checkpoint when the newest fails its checksum.
-    grad_accum_steps: int = 1  # Split each batch into this many micro-batches (less memory, same gradient).
+    grad_accum_steps: Union[int, str] = 1  # Split each batch into this many micro-batches (less memory, same
+    # gradient); 'auto': as many as the free CUDA memory needs (memory.auto_grad_accum_steps; 1 off CUDA).
+
+    # Memory (bytes per ray: bench/bench_memory.py, bench/RESULTS.md):
+    checkpoint_nerf_mlp: bool = False  # Recompute the NerfMLP's encoding and trunk in the backward pass
+    # instead of keeping their activations (torch.utils.checkpoint): about half the memory per ray of 360.gin, one
+    # more forward pass of the trunk. No saving with density-gradient normals (disable_density_normals = False).
 
     # The live browser viewer (mipnerf360/viewer.py; needs the `viewer` extra, viser):
     viewer_port: Optional[int] = None  # While training, serve the viewer on this port (None: off); `python -m
@@ -234,7 +242,7 @@ _RANGES: Dict[str, Tuple[str, Optional[float], Optional[float], bool, bool]] = {
         'render_spline_smoothness': _NON_NEGATIVE, 'exposure_percentile': ('float', 0., 100., False, False),
         'num_border_pixels_to_mask': _AT_LEAST_0, 'dtu_light_cond': ('int', 0, 6, False, False),
         'dtuhold': _AT_LEAST_1, 'seed': ('int', 0, 2**63 - 1, False, False),
-        'nan_max_skips_in_a_row': _AT_LEAST_1, 'grad_accum_steps': _AT_LEAST_1,
+        'nan_max_skips_in_a_row': _AT_LEAST_1,
         'viewer_port': ('int', 1, 65535, False, False), 'viewer_max_resolution': _AT_LEAST_1,
         'viewer_refresh_seconds': _NON_NEGATIVE,
 }
@@ -301,6 +309,10 @@ def validate_config(config: 'Config') -> 'Config':
             value = getattr(config, f.name)
             if not isinstance(value, bool):
                 raise ConfigError(f'Config.{f.name} = {value!r} must be True or False.')
+    accum = config.grad_accum_steps
+    if accum != 'auto' and not (isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1):
+        raise ConfigError(f"Config.grad_accum_steps = {accum!r} must be an integer >= 1 or 'auto'; fix the gin file "
+                          "or --gin_bindings=\"Config.grad_accum_steps = 'auto'\".")
     if config.far <= config.near:
         raise ConfigError(f'Config.far = {config.far!r} must be greater than Config.near = {config.near!r}.')
     if config.render_job_id >= config.render_num_jobs:

@@ -5,8 +5,8 @@ Mirrors multinerf's `internal/models.py`:
                    options); `PropMLP` / `NerfMLP` are its gin-configurable subclasses.
   `Model`          the sampling loop of mip-NeRF 360 (Sec. 3 of arXiv:2111.12077): proposal levels driven by one
                    shared `PropMLP`, a final level rendered with the `NerfMLP`.
-  `construct_model`, `render_image`; `compile_model` (`Config.compile`) and `apply_precision` /
-  `Model.set_precision` (`Config.precision`).
+  `construct_model`, `render_image` (`auto_render_chunk_size` when `Config.render_chunk_size` is None);
+  `compile_model` (`Config.compile`) and `apply_precision` / `Model.set_precision` (`Config.precision`).
 
 Randomness: `Model.forward(rng, ...)` draws every random number of a pass up front (`Model.draw_noise`, in a
 fixed order) and hands them to `Model.render_rays`, which holds no generator and no host sync: that is what
@@ -34,6 +34,7 @@ import gin
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from mipnerf360 import configs, coord, geopoly, image, math, ref_utils, render, stepfun, utils
@@ -230,6 +231,9 @@ class MLP(nn.Module):
         if self.use_directional_enc and not self.enable_pred_roughness:
             raise ValueError('use_directional_enc (the IDE) needs a roughness: set enable_pred_roughness=True.')
         self.precision: Optional[str] = None  # Set by `Model.set_precision`; 'bf16' autocasts the products.
+        # Set by `Model` from `Config.checkpoint_nerf_mlp`: recompute the encoding and trunk in the backward pass
+        # instead of keeping their activations.
+        self.checkpoint_trunk = False
 
         # The basis (transposed to [3, n]) is a buffer so that it follows .to(device); it is kept in float64 (cast
         # to the inputs' dtype when used) so that a float64 model sees the exact basis.
@@ -354,6 +358,13 @@ class MLP(nn.Module):
             raw_density = self.density_layer(x)[..., 0]
         return raw_density, x
 
+    def _encoded_trunk(self, means: torch.Tensor, covs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Encoding and trunk: (raw density [...] in the means' dtype, features [..., feature_dim])."""
+        x = self._encode_points(means, covs)
+        sample_shape = x.shape[:-1]
+        raw_density, x = self._trunk(x.reshape(-1, x.shape[-1]))
+        return raw_density.to(means.dtype).reshape(sample_shape), x.reshape(sample_shape + x.shape[-1:])
+
     def predict_density(self, means: torch.Tensor, covs: torch.Tensor,
                         noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Raw density and trunk features.
@@ -365,11 +376,12 @@ class MLP(nn.Module):
         Returns:
             raw_density: [...] (in the means' dtype); features: [..., feature_dim] (bf16 under bf16 precision).
         """
-        x = self._encode_points(means, covs)
-        sample_shape = x.shape[:-1]
-        raw_density, x = self._trunk(x.reshape(-1, x.shape[-1]))
-        raw_density = raw_density.to(means.dtype).reshape(sample_shape)
-        x = x.reshape(sample_shape + x.shape[-1:])
+        if self.checkpoint_trunk and torch.is_grad_enabled():
+            # The region holds no random numbers (the noise is added below), so the recompute is exact.
+            raw_density, x = torch.utils.checkpoint.checkpoint(self._encoded_trunk, means, covs,
+                                                               use_reentrant=False)
+        else:
+            raw_density, x = self._encoded_trunk(means, covs)
         if noise is not None and self.density_noise > 0:
             raw_density = raw_density + self.density_noise * noise
         return raw_density, x
@@ -555,7 +567,7 @@ class Model(nn.Module):
     with the same default. The MLPs are built as `NerfMLP(**nerf_mlp_params)` / `PropMLP(**prop_mlp_params)`, so
     gin bindings of `NerfMLP.*` / `PropMLP.*` apply and explicit dicts override them.
     """
-    config: Any = None  # A Config (supplies vis_num_rays and precision), or None.
+    config: Any = None  # A Config (supplies vis_num_rays, precision and checkpoint_nerf_mlp), or None.
     num_prop_samples: int = 64  # The number of samples for each proposal level.
     num_nerf_samples: int = 32  # The number of samples the final NeRF level.
     num_levels: int = 3  # The number of sampling levels (the last one is the NeRF level).
@@ -605,6 +617,7 @@ class Model(nn.Module):
             self.exposure_scaling_offsets = nn.Embedding(self.num_glo_embeddings, 3)
             nn.init.zeros_(self.exposure_scaling_offsets.weight)
         self.set_precision(getattr(self.config, 'precision', None))
+        self.nerf_mlp.checkpoint_trunk = bool(getattr(self.config, 'checkpoint_nerf_mlp', False))
 
     def set_precision(self, precision: Optional[str]) -> 'Model':
         """Sets the precision of the MLPs' matrix products for every later forward pass (train, eval, render,
@@ -867,12 +880,60 @@ def construct_model(rays: Optional[utils.Rays] = None, config: Any = None,
     return model
 
 
+DEFAULT_RENDER_CHUNK_SIZE = 16384  # Rays per chunk off CUDA, where free memory is not measured.
+RENDER_PROBE_RAYS = 1024  # Rays of the first chunk, whose peak memory sizes the others on CUDA.
+RENDER_MEMORY_FRACTION = 0.5  # Share of the free device memory a render chunk may take.
+
+
+def _render_chunk(render_fn, rng, chunk_rays) -> Dict[str, Any]:
+    """The final level's outputs of one chunk, plus every level's 'ray_*' entries as lists over levels."""
+    chunk_renderings, _ = render_fn(rng, chunk_rays)
+    chunk = {k: v for k, v in chunk_renderings[-1].items() if not k.startswith('ray_')}
+    for k in chunk_renderings[0]:
+        if k.startswith('ray_'):
+            chunk[k] = [r[k] for r in chunk_renderings]
+    return chunk
+
+
+def _chunk_to_cpu(chunk: Dict[str, Any]) -> Dict[str, Any]:
+    return utils.tree_map(lambda v: v.detach().to('cpu', non_blocking=True), chunk)
+
+
+def free_device_memory(device: torch.device) -> Optional[int]:
+    """Bytes this process can still allocate on a CUDA device (free device memory plus what torch's caching
+    allocator holds unused); None on other devices."""
+    if device.type != 'cuda':
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def auto_render_chunk_size(render_fn, flat_rays: utils.Rays, rng: Optional[torch.Generator],
+                           first_chunk: List[Dict[str, Any]]) -> int:
+    """The render chunk size when `Config.render_chunk_size` is None: on CUDA, as many rays as take
+    `RENDER_MEMORY_FRACTION` of the free memory, from the peak memory of rendering the first
+    `RENDER_PROBE_RAYS` rays (that chunk's outputs, on the CPU, are appended to `first_chunk`); elsewhere
+    `DEFAULT_RENDER_CHUNK_SIZE`. A multiple of 1024, at least 1024."""
+    device = flat_rays.origins.device
+    free = free_device_memory(device)
+    if free is None:
+        return DEFAULT_RENDER_CHUNK_SIZE
+    n = min(RENDER_PROBE_RAYS, flat_rays.origins.shape[0])
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        first_chunk.append(_chunk_to_cpu(_render_chunk(render_fn, rng, utils.tree_map(lambda r: r[:n], flat_rays))))
+    bytes_per_ray = max(torch.cuda.max_memory_allocated(device) - base, 1) / n
+    return max(1024, int(RENDER_MEMORY_FRACTION * free / bytes_per_ray) // 1024 * 1024)
+
+
 def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tuple[Renderings, Any]],
                  rays: utils.Rays,
                  rng: Optional[torch.Generator],
                  config: Any,
                  verbose: bool = False) -> Dict[str, Any]:
-    """Renders a whole image in chunks of `config.render_chunk_size` rays.
+    """Renders a whole image in chunks of `config.render_chunk_size` rays (None: `auto_render_chunk_size`).
 
     Args:
         render_fn: (rng, rays) -> (renderings, ray_history), e.g. `functools.partial(model, train_frac=f,
@@ -890,20 +951,18 @@ def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tu
     height, width = rays.origins.shape[:2]
     num_rays = height * width
     flat = utils.tree_map(lambda r: r.reshape((num_rays, -1)), rays)
-    chunk_size = config.render_chunk_size
-    starts = range(0, num_rays, chunk_size)
     chunks = []
+    chunk_size = config.render_chunk_size
+    if chunk_size is None:
+        chunk_size = auto_render_chunk_size(render_fn, flat, rng, chunks)
+    first = min(RENDER_PROBE_RAYS, num_rays) if chunks else 0  # Rendered already by the probe.
+    starts = range(first, num_rays, chunk_size)
     with torch.no_grad():
         for i_chunk, i0 in enumerate(starts):
             if verbose and i_chunk % max(1, len(starts) // 10) == 0:
                 print(f'Rendering chunk {i_chunk}/{len(starts) - 1}')
             chunk_rays = utils.tree_map(lambda r: r[i0:i0 + chunk_size], flat)
-            chunk_renderings, _ = render_fn(rng, chunk_rays)
-            chunk = {k: v for k, v in chunk_renderings[-1].items() if not k.startswith('ray_')}
-            for k in chunk_renderings[0]:
-                if k.startswith('ray_'):
-                    chunk[k] = [r[k] for r in chunk_renderings]
-            chunks.append(utils.tree_map(lambda v: v.detach().to('cpu', non_blocking=True), chunk))
+            chunks.append(_chunk_to_cpu(_render_chunk(render_fn, rng, chunk_rays)))
     if rays.origins.device.type == 'cuda':
         torch.cuda.synchronize(rays.origins.device)  # The non-blocking copies above must have landed.
 

@@ -1,4 +1,5 @@
-"""`torchrun --nproc_per_node=2 -m train ...` on CPU (gloo): the ranks stay in lockstep and split the batch.
+"""`torchrun --nproc_per_node=2 -m train ...` on CPU (gloo): the ranks stay in lockstep and split the batch; and
+two gloo processes (torch.multiprocessing) end with the parameters of one process trained on the global batch.
 
 A `sitecustomize` on the workers' PYTHONPATH wraps `train_utils.train_step` to record, on every rank, the rays
 each step sees and (at exit) the rank's final parameters, so the command itself runs unchanged.
@@ -80,3 +81,67 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     with open(ckpt / 'test_preds' / 'metrics.json') as f:
         metrics = json.load(f)
     assert metrics['step'] == 4 and np.isfinite(metrics['psnr']) and metrics['psnr'] > 5
+
+
+# DDP proven equal: two gloo processes, each training on its half of every global batch, end with the parameters
+# of one process that trains on the whole batches (float64, deterministic sampling), with and without gradient
+# accumulation.
+_DDP_STEPS = 3
+_DDP_BATCH = 48
+
+
+def _ddp_config(grad_accum_steps: int):
+    from mipnerf360 import configs
+    return configs.Config(randomized=False, batch_size=_DDP_BATCH, near=0.2, far=1e3, lr_init=1e-2, lr_final=1e-3,
+                          lr_delay_steps=0, max_steps=_DDP_STEPS, grad_accum_steps=grad_accum_steps)
+
+
+def _ddp_batch(step: int):
+    from mipnerf360 import utils
+    from test_models import _random_rays
+    rgb = torch.rand(_DDP_BATCH, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + step))
+    return utils.Batch(rays=_random_rays(_DDP_BATCH, seed=step), rgb=rgb)
+
+
+def _ddp_train(model, grad_accum_steps: int, rank: int = 0, world_size: int = 1):
+    """`_DDP_STEPS` train steps of `model` (DDP-wrapped or not) on this rank's share of each global batch."""
+    from mipnerf360 import train_utils
+    config = _ddp_config(grad_accum_steps)
+    state = train_utils.create_train_state(config, model)
+    share = _DDP_BATCH // world_size
+    for step in range(_DDP_STEPS):
+        batch = _ddp_batch(step)[rank * share:(rank + 1) * share]
+        state.step = step
+        train_utils.train_step(state, batch, None, config, None, train_frac=step / _DDP_STEPS)
+    inner = model.module if hasattr(model, 'module') else model
+    return {k: v.detach().clone() for k, v in inner.state_dict().items()}
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str):
+    import torch.distributed as dist
+    from test_models import _tiny_model
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    try:
+        results = {}
+        for accum in (1, 2):
+            ddp = torch.nn.parallel.DistributedDataParallel(_tiny_model())
+            results[accum] = _ddp_train(ddp, accum, rank, world_size)
+        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process_with_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+    from test_models import _tiny_model
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / 'store'), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    initial = _tiny_model().state_dict()
+    single = _ddp_train(_tiny_model(), 1)
+    for accum in (1, 2):
+        for k, v in single.items():
+            torch.testing.assert_close(ranks[0][accum][k], v, rtol=1e-9, atol=1e-12, msg=f'{k}, accum {accum}')
+            assert torch.equal(ranks[0][accum][k], ranks[1][accum][k]), k
+    moved = max(float((single[k] - initial[k]).abs().max()) for k in single)
+    assert moved > 1e-3  # The steps changed the parameters by far more than the tolerance.

@@ -5,8 +5,10 @@ unwritable output, unknown flag) raises one of our own exception types (`USER_ER
 exactly one line `error: <what and what to do>` on stderr and the process exits with status 2. Inputs are
 checked before the slow and noisy parts start (model, LPIPS, tensorboard), so that line is all a user sees on
 stderr. Set MIPNERF360_DEBUG=1 to get the traceback instead. Any other exception is a bug: its traceback is
-printed, then one line asking to report it, and the process exits with status 1. SIGTERM and Ctrl-C stop with
-one line and status 143 / 130 (train handles them itself: it saves a checkpoint first).
+printed, then one line asking to report it, and the process exits with status 1. Running out of device
+memory (`torch.OutOfMemoryError`) is one line too (status 2), naming the settings that lower the memory.
+SIGTERM and Ctrl-C stop with one line and status 143 / 130 (train handles them itself: it saves a checkpoint
+first).
 """
 
 from __future__ import annotations
@@ -130,6 +132,10 @@ def run(main: Callable[[list], None], scope: str, argv: Optional[Sequence[str]] 
             if os.environ.get('MIPNERF360_DEBUG'):
                 raise
             user_error_exit(e)
+        except torch.OutOfMemoryError as e:
+            if os.environ.get('MIPNERF360_DEBUG'):
+                raise
+            user_error_exit(RuntimeError(out_of_memory_message(e)))
         except KeyboardInterrupt:
             _stopped_exit('Ctrl-C', EXIT_SIGINT)
         except Stopped as e:
@@ -143,6 +149,15 @@ def run(main: Callable[[list], None], scope: str, argv: Optional[Sequence[str]] 
                 signal.signal(signal.SIGTERM, previous)
 
     app.run(wrapped, argv=list(argv) if argv is not None else None, flags_parser=_parse_flags)
+
+
+def out_of_memory_message(e: BaseException) -> str:
+    """The one line printed for a `torch.OutOfMemoryError`: the device's words, then what to change."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else 'out of memory'
+    return (f'out of memory ({first.rstrip(". ")}). Training: set Config.grad_accum_steps = \'auto\' (or a larger '
+            'number: same results, less memory), or lower Config.batch_size by a factor k and multiply '
+            'Config.max_steps by k (the learning rate unchanged, as the reference advises); eval / render: lower '
+            'Config.render_chunk_size (None sizes it from the free memory).')
 
 
 def _suggest_binding(msg: str) -> str:

@@ -36,7 +36,7 @@ import numpy as np
 import tqdm
 import torch
 
-from mipnerf360 import checkpoints, configs, image, models, train_utils, utils, viewer, vis
+from mipnerf360 import checkpoints, configs, image, memory, models, train_utils, utils, viewer, vis
 from mipnerf360.cli import common
 from mipnerf360.cli.eval import _decimate
 
@@ -182,6 +182,7 @@ def _setup(config: configs.Config, rank: int, world_size: int, local_rank: int) 
     test_dataset = (common.load_dataset('test', config, device)
                     if rank == 0 and config.train_render_every > 0 else None)
     model = common.build_model(config, device)  # Seeded: identical initial weights on every rank.
+    config = memory.resolve_grad_accum_steps(config, model, world_size)  # 'auto': from the free memory.
     if model.num_glo_features > 0 and dataset.size > model.num_glo_embeddings:
         raise configs.ConfigError(f'Model.num_glo_embeddings = {model.num_glo_embeddings} is smaller than '
                                   f'the number of training images ({dataset.size}); raise it with --gin_bindings.')
