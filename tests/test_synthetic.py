@@ -115,7 +115,8 @@ def test_write_colmap_scene_layout_and_speed(tmp_path):
     t0 = time.time()
     info = synthetic.write_colmap_scene(str(tmp_path), n_views=24, width=64, height=48, factors=(2, 4))
     elapsed = time.time() - t0
-    assert elapsed < 5., elapsed  # About 0.4 s on one core.
+    # About 0.4 s on one idle core; the bar only catches a pathological slowdown (speed is measured in bench/).
+    assert elapsed < 60., elapsed
     names = sorted(os.listdir(tmp_path / 'images'))
     assert names == info.names and len(names) == 24
     for f, size in ((2, (32, 24)), (4, (16, 12))):
