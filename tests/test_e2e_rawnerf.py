@@ -181,3 +181,17 @@ def test_spline_path_interpolates_the_raw_exposures(tmp_path):
         assert values.shape == (22, 24, 1)
         np.testing.assert_allclose(values, path[idx], rtol=1e-6)
         assert np.all(rays.exposure_idx.numpy() == 0)  # The path's learned scaling is the reference's (1).
+
+
+def test_spline_exposures_of_a_raw_test_scene_are_a_config_error(tmp_path):
+    """A raw test scene's metadata covers only its split (the merged test frame, or raw/train), not the posed
+    keyframes: interpolating exposures there is refused with the fix."""
+    synthetic.write_raw_scene(str(tmp_path / 'scene'), n_views=7, width=24, height=22, test_scene=True)
+    keys = tmp_path / 'keyframes.txt'
+    keys.write_text('\n'.join(sorted(os.listdir(tmp_path / 'scene' / 'images'))) + '\n')
+    config = configs.Config(data_dir=str(tmp_path / 'scene'), dataset_loader='llff', forward_facing=False,
+                            factor=0, rawnerf_mode=True, render_path=True, render_spline_keyframes=str(keys),
+                            render_spline_interpolate_exposure=True)
+    with pytest.raises(configs.ConfigError, match='render_spline_interpolate_exposure = True needs per-image '
+                       'exposures .* not a test scene.*set it to False'):
+        datasets.load_scene(config, utils.DataSplit.TEST)
