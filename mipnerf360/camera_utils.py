@@ -467,8 +467,9 @@ def create_render_spline_path(
     if config.render_spline_interpolate_exposure:
         if exposures is None:
             raise ConfigError('Config.render_spline_interpolate_exposure = True needs per-image exposures (EXIF '
-                              'ExposureTime and ISOSpeedRatings in the JPEGs of DATA_DIR/images), which this '
-                              'scene does not have; set it to False.')
+                              'ExposureTime and ISOSpeedRatings in the JPEGs of DATA_DIR/images, or the raw '
+                              'frames of a RawNeRF scene that is not a test scene), which this scene does not '
+                              'have; set it to False.')
         if spline_indices.size < _EXPOSURE_SPLINE_DEGREE + 1:
             raise ConfigError(f'Config.render_spline_interpolate_exposure = True needs at least '
                               f'{_EXPOSURE_SPLINE_DEGREE + 1} keyframes (a degree-{_EXPOSURE_SPLINE_DEGREE} '

@@ -59,6 +59,9 @@ def _register_gin_externals() -> None:
 _register_gin_externals()
 
 
+# Per-sample MLP outputs composited with the weights (like the normals) into extra rendered maps.
+_COMPOSITED_PARTS = ('roughness', 'diffuse', 'specular', 'tint')
+
 # ---------------------------------------------------------------------------------------------------------------
 # Weight initialisers named as in `jax.nn.initializers`.
 
@@ -423,8 +426,11 @@ class MLP(nn.Module):
 
         Returns:
             A dict with density [..., n], rgb [..., n, num_rgb_channels] (zeros [..., n, 3] if `disable_rgb`),
-            raw_grad_density / normals [..., n, 3], grad_pred / normals_pred [..., n, 3], roughness [..., n, 1]
-            (each None when not computed), all in the means' dtype whatever the precision.
+            raw_grad_density / normals [..., n, 3], grad_pred / normals_pred [..., n, 3], roughness [..., n, 1],
+            and with `use_diffuse_color` the linear colour's parts diffuse and specular [..., n, 3] (rgb is
+            clip(linear_to_srgb(specular + diffuse), 0, 1), padded) and with `use_specular_tint` tint [..., n, 3]
+            (specular = tint * view-dependent colour; 0.5 * it without a tint); each None when not computed,
+            all in the means' dtype whatever the precision.
         """
         del imageplane, exposure
         if rng is not None:
@@ -449,13 +455,13 @@ class MLP(nn.Module):
             normals_pred = -ref_utils.l2_normalize(grad_pred)
         density = self.density_activation(raw_density + self.density_bias)
 
-        roughness = None
+        roughness, parts = None, {}
         if self.disable_rgb:
             rgb = torch.zeros_like(means)
         else:
             normals_to_use = normals_pred if self.normals_layer is not None else normals
-            rgb, roughness = self._predict_rgb(x, viewdirs, glo_vec, normals_to_use, noise.get('bottleneck'),
-                                               means.dtype)
+            rgb, roughness, parts = self._predict_rgb(x, viewdirs, glo_vec, normals_to_use,
+                                                      noise.get('bottleneck'), means.dtype)
         return dict(
             density=density,
             rgb=rgb,
@@ -464,12 +470,16 @@ class MLP(nn.Module):
             normals=normals,
             normals_pred=normals_pred,
             roughness=roughness,
+            diffuse=parts.get('diffuse'),
+            specular=parts.get('specular'),
+            tint=parts.get('tint'),
         )
 
     def _predict_rgb(self, x: torch.Tensor, viewdirs: Optional[torch.Tensor], glo_vec: Optional[torch.Tensor],
                      normals: Optional[torch.Tensor], bottleneck_noise: Optional[torch.Tensor],
-                     dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The colour [..., n, num_rgb_channels] (and roughness [..., n, 1] or None) from the trunk features."""
+                     dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        """The colour [..., n, num_rgb_channels], roughness [..., n, 1] (or None) and the Ref-NeRF colour parts
+        ({'diffuse', 'specular', 'tint'}, those the model has) from the trunk features."""
         raw_rgb_diffuse = tint = roughness = None
         if viewdirs is not None:
             if not self.use_viewdirs:
@@ -484,13 +494,16 @@ class MLP(nn.Module):
             x = self._view_branch(x, viewdirs, glo_vec, normals, roughness, bottleneck_noise)
 
         rgb = self.rgb_activation(self.rgb_premultiplier * self._dense(self.rgb_layer, x, dtype) + self.rgb_bias)
+        parts = {}
         if raw_rgb_diffuse is not None:
             # The diffuse colour starts near 0.25 so that diffuse + specular starts near 0.5.
-            diffuse_linear = torch.sigmoid(raw_rgb_diffuse - pymath.log(3.0))
-            specular_linear = tint * rgb if tint is not None else 0.5 * rgb
-            rgb = torch.clamp(image.linear_to_srgb(specular_linear + diffuse_linear), 0.0, 1.0)
+            parts['diffuse'] = torch.sigmoid(raw_rgb_diffuse - pymath.log(3.0))
+            parts['specular'] = tint * rgb if tint is not None else 0.5 * rgb
+            rgb = torch.clamp(image.linear_to_srgb(parts['specular'] + parts['diffuse']), 0.0, 1.0)
+        if tint is not None:
+            parts['tint'] = tint
         # Map [0, 1] to [-rgb_padding, 1 + rgb_padding].
-        return rgb * (1 + 2 * self.rgb_padding) - self.rgb_padding, roughness
+        return rgb * (1 + 2 * self.rgb_padding) - self.rgb_padding, roughness, parts
 
     def _view_inputs(self, x: torch.Tensor, viewdirs: torch.Tensor, glo_vec: Optional[torch.Tensor],
                      normals: Optional[torch.Tensor], roughness: Optional[torch.Tensor],
@@ -802,7 +815,7 @@ class Model(nn.Module):
             ray_results['rgb'] = self._scale_by_exposure(ray_results['rgb'], rays)
         rendering = render.volumetric_rendering(
             ray_results['rgb'], weights, tdist, self._background(noise.get('bg')), rays.far, compute_extras,
-            extras={k: v for k, v in ray_results.items() if k.startswith('normals') or k == 'roughness'})
+            extras={k: v for k, v in ray_results.items() if k.startswith('normals') or k in _COMPOSITED_PARTS})
         if compute_extras:
             # A few rays kept whole (not as image chunks), for visualisation.
             n = self.config.vis_num_rays if self.config is not None else 16

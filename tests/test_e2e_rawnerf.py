@@ -149,3 +149,49 @@ def test_render_writes_postprocessed_frames_and_videos(raw_run):
         reader = imageio_ffmpeg.read_frames(str(video))
         meta = next(reader)
         assert meta['codec'] == 'h264' and sum(1 for _ in reader) == 3, kind
+
+
+def test_spline_path_interpolates_the_raw_exposures(tmp_path):
+    """`render_spline_interpolate_exposure` on a raw scene: the path's exposures come from the keyframes'
+    shutters (relative to the longest), pass through each keyframe's value, move monotonically between them, and
+    are what the path's rays carry (so render scales the raw colour by them)."""
+    import torch
+    denominators = (25, 35, 50, 70, 100, 140)  # Views 0..5, darker and darker by about sqrt(2).
+    gt = synthetic.write_raw_scene(str(tmp_path / 'scene'), n_views=6, width=24, height=22,
+                                   shutter_denominators=denominators)
+    keys = tmp_path / 'keyframes.txt'
+    keys.write_text('\n'.join(sorted(os.listdir(tmp_path / 'scene' / 'images'))) + '\n')
+    n_interp = 4
+    config = configs.Config(data_dir=str(tmp_path / 'scene'), dataset_loader='llff', forward_facing=False,
+                            factor=0, rawnerf_mode=True, render_path=True, render_spline_keyframes=str(keys),
+                            render_spline_n_interp=n_interp, render_spline_interpolate_exposure=True)
+    scene = datasets.load_scene(config, utils.DataSplit.TEST)
+    path = scene.render_exposures
+    np.testing.assert_array_equal(scene.spline_indices, np.arange(6))
+    assert path.shape == (n_interp * 5,) and scene.size == n_interp * 5
+    # Six keyframes and a degree-5 spline: the spline interpolates them, frame k * n_interp is keyframe k.
+    np.testing.assert_allclose(path[::n_interp], gt.exposure_values[:5], rtol=1e-6)
+    assert np.all(np.diff(path) < 0), path
+    assert path.min() > gt.exposure_values[-1] and path.max() <= gt.exposure_values[0] * (1 + 1e-9)
+
+    sampler = datasets.RaySampler(scene, config, torch.device('cpu'))
+    for idx in (0, 3, n_interp * 5 - 1):
+        rays = sampler.generate_ray_batch(idx).rays
+        values = rays.exposure_values.numpy()
+        assert values.shape == (22, 24, 1)
+        np.testing.assert_allclose(values, path[idx], rtol=1e-6)
+        assert np.all(rays.exposure_idx.numpy() == 0)  # The path's learned scaling is the reference's (1).
+
+
+def test_spline_exposures_of_a_raw_test_scene_are_a_config_error(tmp_path):
+    """A raw test scene's metadata covers only its split (the merged test frame, or raw/train), not the posed
+    keyframes: interpolating exposures there is refused with the fix."""
+    synthetic.write_raw_scene(str(tmp_path / 'scene'), n_views=7, width=24, height=22, test_scene=True)
+    keys = tmp_path / 'keyframes.txt'
+    keys.write_text('\n'.join(sorted(os.listdir(tmp_path / 'scene' / 'images'))) + '\n')
+    config = configs.Config(data_dir=str(tmp_path / 'scene'), dataset_loader='llff', forward_facing=False,
+                            factor=0, rawnerf_mode=True, render_path=True, render_spline_keyframes=str(keys),
+                            render_spline_interpolate_exposure=True)
+    with pytest.raises(configs.ConfigError, match='render_spline_interpolate_exposure = True needs per-image '
+                       'exposures .* not a test scene.*set it to False'):
+        datasets.load_scene(config, utils.DataSplit.TEST)

@@ -10,7 +10,10 @@ metrics) stays as it is. Checked:
   rendered and the ground-truth normals, weighted by acc * alpha), which agree with a recomputation from the
   written files, and the predicted normals on the glossy sphere are within a bar of the true ones;
 - the test PSNR is at least that of a plain mip-NeRF (configs/blender_256.gin, same sizes, seed and steps);
-- render writes normals, predicted normals and roughness frames and a video of each kind.
+- render writes normals, predicted normals and roughness frames and a video of each kind;
+- the model's diffuse, specular and tint outputs: per sample the colour is clip(linear_to_srgb(specular + diffuse)),
+  padded, with 0 <= specular <= tint; their maps are composited with the weights (like the normals) and written
+  by eval and render (frames and videos).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import numpy as np
 import pytest
 
-from mipnerf360 import synthetic, utils
+from mipnerf360 import image, synthetic, utils
 from mipnerf360.cli import eval as eval_cli, render as render_cli, train as train_cli
 from test_cli import _flags, _in_process
 
@@ -201,7 +204,14 @@ def test_render_writes_refnerf_frames_and_videos(refnerf):
             length = np.linalg.norm(n, axis=-1)
             assert np.all(length <= acc + 0.01), key
             assert (acc > 0.95).mean() > 0.1 and np.mean(length[acc > 0.95]) > 0.3, key
-    for kind in ('color', 'normals', 'normals_pred', 'roughness', 'acc', 'distance_mean', 'distance_median'):
+        for key in ('diffuse', 'specular', 'tint'):
+            img = utils.load_img(os.path.join(frames_dir, f'{key}_{k:03d}.png'))
+            assert img.shape == (SIZE, SIZE, 3) and img[acc > 0.95].mean() > 5, key  # Not black on the objects.
+            # Weights times values in [0, 1], summed, no background: at most acc (diffuse / specular tone-mapped).
+            bound = acc if key == 'tint' else image.linear_to_srgb(np.clip(acc, 0., 1.))
+            assert np.all(img / 255. <= bound[..., None] + 1 / 255.), key
+    for kind in ('color', 'normals', 'normals_pred', 'roughness', 'acc', 'distance_mean', 'distance_median',
+                 'diffuse', 'specular', 'tint'):
         video = os.path.join(ckpt, 'render', f'ckpt_exp_path_renders_step_{STEPS}_{kind}.mp4')
         reader = imageio_ffmpeg.read_frames(video)
         meta = reader.__next__()
@@ -211,6 +221,64 @@ def test_render_writes_refnerf_frames_and_videos(refnerf):
             first = utils.load_img(os.path.join(frames_dir, 'normals_pred_000.png'))[..., :3].astype(np.float64)
         elif kind == 'roughness':
             first = np.tanh(utils.load_img(os.path.join(frames_dir, 'roughness_000.tiff')))[..., None] * 255.
+        elif kind in ('diffuse', 'specular', 'tint'):
+            first = utils.load_img(os.path.join(frames_dir, f'{kind}_000.png'))[..., :3].astype(np.float64)
         else:
             continue
         assert np.abs(frames[0][:SIZE, :SIZE] - first).mean() < 6., kind
+
+
+def test_diffuse_specular_and_tint_make_the_colour(scene, refnerf):
+    """The trained model on test image 0: per sample, rgb = clip(linear_to_srgb(specular + diffuse), 0, 1) padded
+    (the model's own combination) and specular = tint * (a colour in [0, 1]); the rendered maps are the samples
+    composited with the weights (no background), as eval wrote them (diffuse and specular tone-mapped)."""
+    import gin
+    import torch
+    from mipnerf360 import configs, models
+    from mipnerf360.cli import common
+    ckpt, _ = refnerf
+    gin.clear_config()
+    try:
+        config = configs.load_config(
+                save_config=False, gin_configs=['configs/blender_refnerf.gin'],
+                gin_bindings=[f"Config.data_dir = '{scene[0]}'", f"Config.checkpoint_dir = '{ckpt}'",
+                              *REFNERF_BINDINGS])
+        device = torch.device('cpu')
+        model = common.build_model(config, device)
+        assert common.restore_model(model, config, device) == STEPS
+        sampler = common.load_dataset('test', config, device)
+        rays = sampler.generate_ray_batch(0).rays
+        flat = utils.tree_map(lambda r: r.reshape((SIZE * SIZE, -1)), rays)
+        with common.no_grad_eval(model):
+            renderings, history = model(None, flat, train_frac=1., compute_extras=True)
+            image_maps = models.render_image(lambda rng, r: model(rng, r, train_frac=1., compute_extras=True),
+                                             rays, None, config, verbose=False)
+    finally:
+        gin.clear_config()
+    samples, rendering = history[-1], renderings[-1]
+    padding = model.nerf_mlp.rgb_padding
+    combined = torch.clamp(image.linear_to_srgb(samples['specular'] + samples['diffuse']), 0., 1.)
+    torch.testing.assert_close(samples['rgb'], combined * (1 + 2 * padding) - padding, rtol=0, atol=1e-6)
+    assert torch.all(samples['specular'] >= 0) and torch.all(samples['specular'] <= samples['tint'] + 1e-7)
+    assert torch.all((samples['tint'] > 0) & (samples['tint'] < 1))
+    weights = samples['weights'][..., None]
+    bg = model._background(None)  # pylint: disable=protected-access
+    torch.testing.assert_close(rendering['rgb'], (weights * samples['rgb']).sum(-2) + (1 - weights.sum(-2)) * bg,
+                               rtol=0, atol=1e-5)
+    preds = os.path.join(ckpt, 'test_preds')
+    for key in ('diffuse', 'specular', 'tint'):
+        composited = (weights * samples[key]).sum(-2)
+        torch.testing.assert_close(rendering[key], composited, rtol=0, atol=1e-6)
+        assert image_maps[key].shape == (SIZE, SIZE, 3)
+        torch.testing.assert_close(image_maps[key].reshape(-1, 3), composited, rtol=0, atol=1e-5)
+        expected = composited.reshape(SIZE, SIZE, 3).numpy().astype(np.float64)
+        if key != 'tint':
+            expected = image.linear_to_srgb(np.clip(expected, 0., 1.))
+        written = utils.load_img(os.path.join(preds, f'{key}_000.png'))[..., :3] / 255.
+        assert np.max(np.abs(written - expected)) < 0.6 / 255 + 1e-4, key  # 8 bits, rounded.
+    # Sum of the parts and colour agree on opaque pixels only roughly: the tone curve is not linear.
+    acc = rendering['acc'] > 0.99
+    srgb_of_parts = image.linear_to_srgb(torch.clamp(rendering['diffuse'] + rendering['specular'], 0., 1.))
+    gap = float((srgb_of_parts - rendering['rgb'])[acc].abs().mean())
+    print('opaque pixels, |srgb(diffuse + specular) - rgb| mean:', gap)
+    assert gap < 0.1  # Seed 0: 0.029.

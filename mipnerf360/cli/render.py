@@ -3,7 +3,8 @@ and writes mp4 videos.
 
 Frames go to `render_dir` (default `checkpoint_dir/render`) / `path_renders_step_<step>` as
 color_XXX.png, normals_XXX.png, distance_{mean,median}_XXX.tiff and acc_XXX.tiff (Ref-NeRF models add
-normals_pred_XXX.png and roughness_XXX.tiff, see `save_refnerf_outputs`), with `render_manifest.json`
+normals_pred_XXX.png, roughness_XXX.tiff and, with a diffuse colour / specular tint, diffuse_XXX.png,
+specular_XXX.png and tint_XXX.png, see `save_refnerf_outputs`), with `render_manifest.json`
 recording what made them (checkpoint, frame count, resolution, path settings). Frames already on disk are
 skipped, so a crashed render resumes; frames made with other settings are deleted and re-rendered, so a video
 never mixes two camera paths. `render_job_id` / `render_num_jobs` split the frames across processes, and under
@@ -11,7 +12,7 @@ never mixes two camera paths. `render_job_id` / `render_num_jobs` split the fram
 RawNeRF (`rawnerf_mode`): colour frames are postprocessed to sRGB (`raw_postprocess_fn`, `autoexpose_renders`).
 When every frame exists, videos `<scene>_<exp>_<name>_<kind>.mp4` are written for every kind of frame there is
 (color, normals, acc, distance_mean, distance_median; Ref-NeRF: normals_pred, roughness as
-tanh(roughness)) with the ffmpeg bundled in imageio-ffmpeg.
+tanh(roughness), diffuse, specular, tint) with the ffmpeg bundled in imageio-ffmpeg.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from mipnerf360 import checkpoints, models, utils, vis
+from mipnerf360 import checkpoints, image, models, utils, vis
 from mipnerf360.cli import common
 
 
@@ -117,16 +118,26 @@ _MANIFEST_FIELDS = ('render_path', 'render_path_frames', 'render_path_file', 'z_
                     'factor', 'forward_facing', 'llffhold', 'llff_use_all_images_for_training', 'near', 'far',
                     'rawnerf_mode', 'exposure_percentile', 'autoexpose_renders')
 _FRAME_KINDS = (('color', 'png'), ('normals', 'png'), ('acc', 'tiff'), ('distance_mean', 'tiff'),
-                ('distance_median', 'tiff'), ('normals_pred', 'png'), ('roughness', 'tiff'))
+                ('distance_median', 'tiff'), ('normals_pred', 'png'), ('roughness', 'tiff'), ('diffuse', 'png'),
+                ('specular', 'png'), ('tint', 'png'))
 
 
 def save_refnerf_outputs(rendering: Dict[str, Any], path_fn, idx_str: str):
     """Ref-NeRF's extra images, where the model renders them: the predicted normals as normals_pred_<i>.png
-    (n / 2 + 0.5, as the density normals) and the roughness as roughness_<i>.tiff (float32, unscaled)."""
+    (n / 2 + 0.5, as the density normals), the roughness as roughness_<i>.tiff (float32, unscaled), the linear
+    diffuse and specular colours (composited like the normals, without background) tone-mapped as the model
+    tone-maps their sum, clip(linear_to_srgb(x), 0, 1), as diffuse_<i>.png and specular_<i>.png, and the
+    specular tint (in [0, 1]) as tint_<i>.png."""
     if rendering.get('normals_pred') is not None:
         utils.save_img_u8(rendering['normals_pred'] / 2. + 0.5, path_fn(f'normals_pred_{idx_str}.png'))
     if rendering.get('roughness') is not None:
         utils.save_img_f32(np.asarray(rendering['roughness'])[..., 0], path_fn(f'roughness_{idx_str}.tiff'))
+    for key in ('diffuse', 'specular'):
+        if rendering.get(key) is not None:
+            srgb = image.linear_to_srgb(np.clip(np.asarray(rendering[key], np.float64), 0., 1.))
+            utils.save_img_u8(srgb, path_fn(f'{key}_{idx_str}.png'))
+    if rendering.get('tint') is not None:
+        utils.save_img_u8(rendering['tint'], path_fn(f'tint_{idx_str}.png'))
 
 
 def _file_digest(path: Optional[str]) -> Optional[str]:

@@ -273,8 +273,13 @@ def load_colmap_like(config: configs.Config, split: utils.DataSplit, data_dir: s
     else:
         poses, world_transform = camera_utils.transform_poses_pca(poses)
         if config.render_spline_keyframes is not None:
+            # Raw scenes' exposures are their shutters relative to the longest (one per posed image, except
+            # in a test scene, whose metadata covers only the split).
+            path_exposures = exposures
+            if config.rawnerf_mode and not raw_testscene:
+                path_exposures = metadata['exposure_values']
             spline_indices, render_poses, render_exposures = camera_utils.create_render_spline_path(
-                    config, image_names, poses, exposures)
+                    config, image_names, poses, path_exposures)
         else:
             render_poses = camera_utils.generate_ellipse_path(
                     poses, n_frames=config.render_path_frames, z_variation=config.z_variation,
