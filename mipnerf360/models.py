@@ -330,11 +330,11 @@ class MLP(nn.Module):
         has_normals = self.enable_pred_normals or not self.disable_density_normals
         for name in ('use_reflections', 'use_n_dot_v'):
             if getattr(self, name) and not has_normals:
-                raise configs.ConfigError(f'{owner}.{name} needs normals: set {owner}.enable_pred_normals = True '
-                                          f'or {owner}.disable_density_normals = False.')
+                raise configs.ConfigError(f'{owner}.{name} needs normals: set {owner}.enable_pred_normals=True '
+                                          f'or {owner}.disable_density_normals=False.')
         if self.use_directional_enc and not self.enable_pred_roughness:
             raise configs.ConfigError(f'{owner}.use_directional_enc (the IDE) needs a roughness: set '
-                                      f'{owner}.enable_pred_roughness = True.')
+                                      f'{owner}.enable_pred_roughness=True.')
         if self.use_directional_enc and self.deg_view > _MAX_IDE_DEG_VIEW:
             raise configs.ConfigError(f'{owner}.deg_view = {self.deg_view} must be at most '
                                       f'{_MAX_IDE_DEG_VIEW} with use_directional_enc (the IDE loses '

@@ -133,7 +133,7 @@ def test_bad_binding_names_binding_value_and_range(binding, value, expected):
         ({'Model.single_mlp': True, 'Model.num_glo_features': 2},
          'Model.single_mlp = True cannot be combined with Model.num_glo_features > 0'),
         ({'NerfMLP.use_n_dot_v': True, 'NerfMLP.disable_density_normals': True},
-         'NerfMLP.use_n_dot_v needs normals: set NerfMLP.enable_pred_normals = True'),
+         'NerfMLP.use_n_dot_v needs normals: set NerfMLP.enable_pred_normals=True'),
         ({'NerfMLP.use_directional_enc': True}, 'NerfMLP.use_directional_enc (the IDE) needs a roughness'),
 ])
 def test_inconsistent_bindings_name_both_fields(bindings, expected):
