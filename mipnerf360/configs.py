@@ -272,7 +272,9 @@ def _describe_range(kind, lo, hi, lo_open, hi_open) -> str:
     return what
 
 
-def _check_number(name: str, value: Any, kind, lo, hi, lo_open, hi_open):
+def check_number(name: str, value: Any, kind, lo, hi, lo_open, hi_open, owner: str = 'Config'):
+    """Raises ConfigError unless `value` is of `kind` and in the range; `owner` is the gin name of the class
+    whose field `name` is (Config, Model, NerfMLP, ...)."""
     ok_type = (isinstance(value, int) if kind == 'int' else isinstance(value, (int, float))) \
         and not isinstance(value, bool)
     ok = ok_type and (kind == 'int' or math.isfinite(value))
@@ -281,8 +283,8 @@ def _check_number(name: str, value: Any, kind, lo, hi, lo_open, hi_open):
     if ok and hi is not None:
         ok = value < hi if hi_open else value <= hi
     if not ok:
-        raise ConfigError(f'Config.{name} = {value!r} must be {_describe_range(kind, lo, hi, lo_open, hi_open)}; '
-                          f'fix the gin file or --gin_bindings="Config.{name} = ...".')
+        raise ConfigError(f'{owner}.{name} = {value!r} must be {_describe_range(kind, lo, hi, lo_open, hi_open)}; '
+                          f'fix the gin file or --gin_bindings="{owner}.{name} = ...".')
 
 
 def validate_config(config: 'Config') -> 'Config':
@@ -293,7 +295,7 @@ def validate_config(config: 'Config') -> 'Config':
         value = getattr(config, name, None)
         if value is None and defaults.get(name, 0) is None:
             continue
-        _check_number(name, value, *rng)
+        check_number(name, value, *rng)
     for name, choices in _CHOICES.items():
         value = getattr(config, name)
         if value is None and defaults[name] is None:

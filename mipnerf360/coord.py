@@ -11,7 +11,7 @@ Every function here is pure, differentiable and takes its device and dtype from 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import gin
 import torch
@@ -126,6 +126,16 @@ _RAYDIST_FORWARDS = {
     'sqrt': torch.sqrt,
     'square': torch.square,
 }
+RAYDIST_FN_NAMES = "'piecewise' or one of " + ', '.join(sorted(_RAYDIST_INVERSES)) + ' (e.g. torch.reciprocal)'
+
+
+def raydist_fn_supported(fn: Any) -> bool:
+    """Whether `construct_ray_warps` takes `fn`: None, 'piecewise', or a function (or the name of one) whose
+    inverse it knows."""
+    if fn is None or (isinstance(fn, str) and fn == 'piecewise'):
+        return True
+    name = fn if isinstance(fn, str) else getattr(fn, '__name__', None)
+    return isinstance(name, str) and name in _RAYDIST_INVERSES
 
 
 def construct_ray_warps(
@@ -146,6 +156,8 @@ def construct_ray_warps(
     Returns:
         (t_to_s, s_to_t): the warp and its inverse.
     """
+    if not raydist_fn_supported(fn):
+        raise ValueError(f'Unsupported ray distance function {fn!r}; expected None, {RAYDIST_FN_NAMES}.')
     if fn is None:
         fn_fwd = lambda x: x  # noqa: E731
         fn_inv = lambda x: x  # noqa: E731
@@ -153,10 +165,7 @@ def construct_ray_warps(
         fn_fwd = lambda x: torch.where(x < 1, 0.5 * x, 1 - 0.5 / x)  # noqa: E731
         fn_inv = lambda x: torch.where(x < 0.5, 2 * x, 0.5 / (1 - x))  # noqa: E731
     else:
-        name = fn if isinstance(fn, str) else getattr(fn, '__name__', None)
-        if name not in _RAYDIST_INVERSES:
-            raise ValueError(f'Unsupported ray distance function {fn!r}; expected None, \'piecewise\' or one of '
-                             f'{sorted(_RAYDIST_INVERSES)} (e.g. torch.reciprocal).')
+        name = fn if isinstance(fn, str) else fn.__name__
         fn_fwd = _RAYDIST_FORWARDS[name] if isinstance(fn, str) else fn
         fn_inv = _RAYDIST_INVERSES[name]
 

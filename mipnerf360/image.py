@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mipnerf360 import configs
+
 Array = Union[np.ndarray, torch.Tensor]
 
 
@@ -205,7 +207,10 @@ def _gaussian_filter_1d(filter_size: int, filter_sigma: float, like: torch.Tenso
     return taps / taps.sum()
 
 
-def ssim(img0: torch.Tensor, img1: torch.Tensor, max_val: float = 1.0, filter_size: int = 11,
+SSIM_FILTER_SIZE = 11  # dm_pix's (and the reference's) SSIM window.
+
+
+def ssim(img0: torch.Tensor, img1: torch.Tensor, max_val: float = 1.0, filter_size: int = SSIM_FILTER_SIZE,
          filter_sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03, return_map: bool = False) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004) of image pairs, as dm_pix.ssim computes it.
 
@@ -330,6 +335,11 @@ class MetricHarness:
         if pred.shape != gt.shape:
             raise ValueError(f'MetricHarness: prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} '
                              'shapes differ.')
+        if min(pred.shape[-3:-1]) < SSIM_FILTER_SIZE:
+            raise configs.ConfigError(
+                    f'The evaluated images are {pred.shape[-2]}x{pred.shape[-3]} pixels, smaller than the '
+                    f'{SSIM_FILTER_SIZE}-pixel SSIM window; use a smaller Config.factor (or a smaller '
+                    'Config.eval_crop_borders) so that the test images are at least that large.')
         gt = gt.to(pred.device)
         metrics = {
             name_fn('psnr'): float(mse_to_psnr(((pred - gt) ** 2).mean())),

@@ -173,6 +173,65 @@ def _split_linear(layer: nn.Linear, parts: List[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Construction-time checks of the gin-bindable fields, so that a bad binding is one ConfigError naming it before
+# any work, not a ValueError deep in the first forward pass.
+
+def _at_least(lo: int) -> Tuple[str, int, None, bool, bool]:
+    return ('int', lo, None, False, False)
+
+
+_FINITE = ('float', None, None, False, False)
+_NON_NEGATIVE = ('float', 0., None, False, False)
+_MLP_RANGES = {
+        'net_depth': _at_least(0), 'net_width': _at_least(1), 'bottleneck_width': _at_least(0),
+        'net_depth_viewdirs': _at_least(0), 'net_width_viewdirs': _at_least(1), 'min_deg_point': _at_least(0),
+        'max_deg_point': _at_least(0), 'skip_layer': _at_least(1), 'skip_layer_dir': _at_least(1),
+        'deg_view': _at_least(0), 'roughness_bias': _FINITE,
+        'bottleneck_noise': _NON_NEGATIVE, 'density_bias': _FINITE, 'density_noise': _NON_NEGATIVE,
+        'rgb_premultiplier': _FINITE, 'rgb_bias': _FINITE, 'rgb_padding': _NON_NEGATIVE,
+        'basis_subdivisions': _at_least(1), 'num_glo_features': _at_least(0),
+}
+_MLP_CHOICES = {'weight_init': tuple(_VARIANCE_SCALING), 'basis_shape': ('icosahedron', 'octahedron')}
+_MLP_FUNCTIONS = ('net_activation', 'roughness_activation', 'density_activation', 'rgb_activation')
+_MODEL_RANGES = {
+        'num_prop_samples': _at_least(2), 'num_nerf_samples': _at_least(2), 'num_levels': _at_least(1),
+        'anneal_slope': _FINITE, 'dilation_multiplier': _NON_NEGATIVE, 'dilation_bias': _NON_NEGATIVE,
+        'num_glo_features': _at_least(0), 'num_glo_embeddings': _at_least(1),
+        'near_anneal_init': ('float', 0., 1., False, False), 'resample_padding': _NON_NEGATIVE,
+}
+_MODEL_CHOICES = {'ray_shape': ('cone', 'cylinder')}
+_MAX_IDE_DEG_VIEW = 5  # `ref_utils.generate_ide_fn`'s limit.
+
+
+def _maps_tensors(fn: Any) -> bool:
+    """Whether `fn` maps a [2, 3] tensor to a tensor of that shape (activations and warps are elementwise or
+    act on the last, xyz, dimension)."""
+    if not callable(fn):
+        return False
+    probe = torch.full((2, 3), 0.5, dtype=torch.float64)
+    try:
+        out = fn(probe)
+    except Exception:  # pylint: disable=broad-except  # Any failure of the user's function means it is unfit.
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == probe.shape
+
+
+def _check_fields(obj: Any, owner: str, ranges: Mapping[str, tuple], choices: Mapping[str, Tuple[str, ...]]):
+    """Checks the dataclass fields of `obj`: numbers against `ranges`, strings against `choices`, and every
+    field declared `bool` for being True or False; raises ConfigError naming `owner.field`."""
+    for name, rng in ranges.items():
+        configs.check_number(name, getattr(obj, name), *rng, owner=owner)
+    for name, allowed in choices.items():
+        value = getattr(obj, name)
+        if not (isinstance(value, str) and value in allowed):
+            raise configs.ConfigError(f'{owner}.{name} = {value!r} must be one of {", ".join(map(repr, allowed))}; '
+                                      f'fix the gin file or --gin_bindings="{owner}.{name} = ...".')
+    for f in dataclasses.fields(obj):
+        if f.type in (bool, 'bool') and not isinstance(getattr(obj, f.name), bool):
+            raise configs.ConfigError(f'{owner}.{f.name} = {getattr(obj, f.name)!r} must be True or False.')
+
+
 @dataclasses.dataclass(eq=False, repr=False)
 class MLP(nn.Module):
     """A (integrated) positional-encoding MLP, as the reference's `MLP`.
@@ -228,11 +287,7 @@ class MLP(nn.Module):
 
     def __post_init__(self):
         super().__init__()
-        if self.use_reflections and not (self.enable_pred_normals or not self.disable_density_normals):
-            raise ValueError('use_reflections needs normals: set enable_pred_normals=True or '
-                             'disable_density_normals=False.')
-        if self.use_directional_enc and not self.enable_pred_roughness:
-            raise ValueError('use_directional_enc (the IDE) needs a roughness: set enable_pred_roughness=True.')
+        self._check_bindings()
         self.precision: Optional[str] = None  # Set by `Model.set_precision`; 'bf16' autocasts the products.
         # Set by `Model` from `Config.checkpoint_nerf_mlp`: recompute the encoding and trunk in the backward pass
         # instead of keeping their activations.
@@ -257,6 +312,36 @@ class MLP(nn.Module):
         self._reference_order: List[str] = []
         self._build_trunk()
         self._build_color_layers(dir_enc_dim)
+
+    def _check_bindings(self) -> None:
+        owner = type(self).__name__
+        _check_fields(self, owner, _MLP_RANGES, _MLP_CHOICES)
+        for name in _MLP_FUNCTIONS + ('warp_fn',):
+            fn = getattr(self, name)
+            if name == 'warp_fn' and fn is None:
+                continue
+            if not _maps_tensors(fn):
+                alternative = ' or None' if name == 'warp_fn' else ''
+                raise configs.ConfigError(f'{owner}.{name} = {fn!r} must be a function from tensors to tensors of '
+                                          f'the same shape (e.g. @math.safe_exp){alternative}.')
+        if self.min_deg_point >= self.max_deg_point:
+            raise configs.ConfigError(f'{owner}.min_deg_point = {self.min_deg_point} must be less than '
+                                      f'{owner}.max_deg_point = {self.max_deg_point} (the encoding would be empty).')
+        if self.num_rgb_channels != 3:
+            raise configs.ConfigError(f'{owner}.num_rgb_channels = {self.num_rgb_channels} must be 3: the images, '
+                                      'backgrounds and losses are RGB.')
+        has_normals = self.enable_pred_normals or not self.disable_density_normals
+        for name in ('use_reflections', 'use_n_dot_v'):
+            if getattr(self, name) and not has_normals:
+                raise configs.ConfigError(f'{owner}.{name} needs normals: set {owner}.enable_pred_normals=True '
+                                          f'or {owner}.disable_density_normals=False.')
+        if self.use_directional_enc and not self.enable_pred_roughness:
+            raise configs.ConfigError(f'{owner}.use_directional_enc (the IDE) needs a roughness: set '
+                                      f'{owner}.enable_pred_roughness=True.')
+        if self.use_directional_enc and self.deg_view > _MAX_IDE_DEG_VIEW:
+            raise configs.ConfigError(f'{owner}.deg_view = {self.deg_view} must be at most '
+                                      f'{_MAX_IDE_DEG_VIEW} with use_directional_enc (the IDE loses '
+                                      'precision beyond that).')
 
     def _dense_layer(self, name: str, in_features: int, out_features: int) -> Dense:
         self._reference_order.append(name)
@@ -608,10 +693,8 @@ class Model(nn.Module):
 
     def __post_init__(self):
         super().__init__()
+        self._check_bindings()
         self.bg_intensity_range = tuple(self.bg_intensity_range)
-        if self.single_mlp and self.num_glo_features > 0:
-            raise ValueError('single_mlp cannot be combined with num_glo_features > 0: the proposal levels '
-                             'feed the shared MLP no GLO vector (the reference fails here too).')
 
         # Construction order as in the reference: the NeRF MLP first, then the proposal MLP.
         mlp_kwargs = dict(use_viewdirs=self.use_viewdirs)
@@ -631,6 +714,34 @@ class Model(nn.Module):
             nn.init.zeros_(self.exposure_scaling_offsets.weight)
         self.set_precision(getattr(self.config, 'precision', None))
         self.nerf_mlp.checkpoint_trunk = bool(getattr(self.config, 'checkpoint_nerf_mlp', False))
+
+    def _check_bindings(self) -> None:
+        _check_fields(self, 'Model', _MODEL_RANGES, _MODEL_CHOICES)
+        if self.near_anneal_rate is not None:
+            configs.check_number('near_anneal_rate', self.near_anneal_rate, 'float', 0., None, True, False,
+                                 owner='Model')
+        if not coord.raydist_fn_supported(self.raydist_fn):
+            raise configs.ConfigError(f'Model.raydist_fn = {self.raydist_fn!r} must be None, '
+                                      f'{coord.RAYDIST_FN_NAMES}.')
+        bg = self.bg_intensity_range
+        if not (isinstance(bg, (tuple, list)) and len(bg) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and pymath.isfinite(v) for v in bg)):
+            raise configs.ConfigError(f'Model.bg_intensity_range = {bg!r} must be two finite numbers (lo, hi).')
+        mlp_fields = {f.name for f in dataclasses.fields(MLP)}
+        for name in ('nerf_mlp_params', 'prop_mlp_params'):
+            params = getattr(self, name)
+            if params is None:
+                continue
+            if not isinstance(params, Mapping):
+                raise configs.ConfigError(f'Model.{name} = {params!r} must be None or a dict of MLP fields.')
+            unknown = sorted(map(str, set(params) - mlp_fields))
+            if unknown:
+                raise configs.ConfigError(f'Model.{name} has unknown MLP field(s) {", ".join(unknown)}; the fields '
+                                          f'are {", ".join(sorted(mlp_fields))}.')
+        if self.single_mlp and self.num_glo_features > 0:
+            raise configs.ConfigError('Model.single_mlp = True cannot be combined with Model.num_glo_features > 0: '
+                                      'the proposal levels feed the shared MLP no GLO vector (the reference fails '
+                                      'here too).')
 
     def set_precision(self, precision: Optional[str]) -> 'Model':
         """Sets the precision of the MLPs' matrix products for every later forward pass (train, eval, render,

@@ -6,7 +6,8 @@ and converted to numpy first, and every visualisation is returned as a numpy flo
 
 Colour maps come from matplotlib when it is installed. Without it, ``turbo`` (the published degree-5
 polynomial approximation of Google's Turbo map, Mikhailov 2019; close to the lookup table in the middle, off by
-up to ~0.1 in places near the ends) and ``gray`` are built in; other names then raise a ValueError.
+up to ~0.1 in places near the ends) and ``gray`` are built in; other names then raise a ConfigError
+(a user error: install matplotlib).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from mipnerf360 import configs
 
 Colormap = Callable[[np.ndarray], np.ndarray]
 
@@ -60,10 +63,12 @@ def get_colormap(name: str) -> Colormap:
     except ImportError:
         matplotlib = None
     if matplotlib is not None:
+        if name not in matplotlib.colormaps:
+            raise configs.ConfigError(f'Unknown colormap {name!r}; use a matplotlib colormap name (e.g. turbo).')
         return matplotlib.colormaps[name]
     if name not in _BUILTIN_CMAPS:
-        raise ValueError(f'Colormap {name!r} needs matplotlib (pip install matplotlib); without it only '
-                         f'{sorted(_BUILTIN_CMAPS)} are available.')
+        raise configs.ConfigError(f'Colormap {name!r} needs matplotlib (pip install matplotlib); without it only '
+                                  f'{sorted(_BUILTIN_CMAPS)} are available.')
     return _BUILTIN_CMAPS[name]
 
 
