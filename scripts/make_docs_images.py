@@ -1,12 +1,13 @@
 """Makes the README's pictures in docs/ from a trained model and the PLYs `python -m mipnerf360.export` wrote.
 
     python scripts/make_docs_images.py mesh --gin_config=configs/demo.gin --data_dir=demo_out/scene \
-        --mesh=mesh.ply --points=points.ply --output=docs/demo_mesh.png
+        --mesh=mesh.ply --points=points.ply --view=3 --output=docs/mesh.png
     python scripts/make_docs_images.py viewer --gin_config=configs/demo.gin --data_dir=demo_out/scene \
-        --checkpoint_dir=demo_out/demo/synthetic360 --output=docs/demo_viewer.png
+        --checkpoint_dir=demo_out/demo/synthetic360 --output=docs/viewer.png
 
 `mesh`: a training image next to the mesh (vertex colours, then Lambert-shaded grey) and the point cloud, seen
-from that training camera, rasterised in numpy: each triangle is splatted at a barycentric grid of points into a z-buffer at twice the image size (the meshes' triangles are under a pixel there).
+from that training camera, rasterised in numpy: each triangle is splatted at a barycentric grid of points into
+a z-buffer at twice the image size.
 `viewer`: the viewer `python -m mipnerf360.view` serves (viewer.Viewer, here in this process, started behind the
 first training camera), screenshotted in headless Chromium (tests/test_viewer.py's driver) after its final render.
 """
