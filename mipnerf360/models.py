@@ -1107,8 +1107,8 @@ def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tu
     return rendering
 
 
-COMPILE_MODES = ('none', 'mlp', 'model')
-PRECISIONS = ('fp32', 'tf32', 'bf16')
+COMPILE_MODES = configs._CHOICES['compile']  # pylint: disable=protected-access  # One list, Config's.
+PRECISIONS = configs._CHOICES['precision']  # pylint: disable=protected-access
 
 
 def check_precision(precision: Optional[str]) -> None:
