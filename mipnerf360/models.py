@@ -1131,7 +1131,7 @@ def apply_precision(precision: Optional[str], device: Union[str, torch.device]) 
     'tf32', and for 'bf16' and None on CUDA; full float32 otherwise) and returns the resolved precision. The
     per-model part (bf16 autocast of the MLPs) is `Model.set_precision`, which `Model(config=...)` applies."""
     resolved = resolve_precision(precision, device)
-    tf32 = resolved == 'tf32' or (resolved == 'bf16' and resolve_precision(None, device) == 'tf32')
+    tf32 = resolved == 'tf32' or (resolved == 'bf16' and torch.device(device).type == 'cuda')
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.set_float32_matmul_precision('high' if tf32 else 'highest')
