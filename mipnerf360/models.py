@@ -1079,7 +1079,7 @@ def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tu
     chunk_size = config.render_chunk_size
     if chunk_size is None:
         chunk_size = auto_render_chunk_size(render_fn, flat, rng, chunks)
-    first = min(RENDER_PROBE_RAYS, num_rays) if chunks else 0  # Rendered already by the probe.
+    first = chunks[0]['rgb'].shape[0] if chunks else 0  # Rays the probe rendered already.
     starts = range(first, num_rays, chunk_size)
     with torch.no_grad():
         for i_chunk, i0 in enumerate(starts):
