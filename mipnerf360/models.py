@@ -1079,7 +1079,7 @@ def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tu
     chunk_size = config.render_chunk_size
     if chunk_size is None:
         chunk_size = auto_render_chunk_size(render_fn, flat, rng, chunks)
-    first = min(RENDER_PROBE_RAYS, num_rays) if chunks else 0  # Rendered already by the probe.
+    first = chunks[0]['rgb'].shape[0] if chunks else 0  # Rays the probe rendered already.
     starts = range(first, num_rays, chunk_size)
     with torch.no_grad():
         for i_chunk, i0 in enumerate(starts):
@@ -1107,8 +1107,8 @@ def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tu
     return rendering
 
 
-COMPILE_MODES = ('none', 'mlp', 'model')
-PRECISIONS = ('fp32', 'tf32', 'bf16')
+COMPILE_MODES = configs._CHOICES['compile']  # pylint: disable=protected-access  # One list, Config's.
+PRECISIONS = configs._CHOICES['precision']  # pylint: disable=protected-access
 
 
 def check_precision(precision: Optional[str]) -> None:
@@ -1131,7 +1131,7 @@ def apply_precision(precision: Optional[str], device: Union[str, torch.device]) 
     'tf32', and for 'bf16' and None on CUDA; full float32 otherwise) and returns the resolved precision. The
     per-model part (bf16 autocast of the MLPs) is `Model.set_precision`, which `Model(config=...)` applies."""
     resolved = resolve_precision(precision, device)
-    tf32 = resolved == 'tf32' or (resolved == 'bf16' and resolve_precision(None, device) == 'tf32')
+    tf32 = resolved == 'tf32' or (resolved == 'bf16' and torch.device(device).type == 'cuda')
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.set_float32_matmul_precision('high' if tf32 else 'highest')
