@@ -432,6 +432,15 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Dict[Tuple[int, str]
 def _guarded_optimizer_step(optimizer: torch.optim.Optimizer, apply: torch.Tensor):
     """optimizer.step(), undone on the device where `apply` (a 0-d bool) is False: the parameters and the
     optimizer state (fresh state counts as zeros, as Adam's initial state) keep their values."""
+    if optimizer.defaults.get('fused'):
+        # The fused kernel skips the whole update (moments and step count included) on the device where
+        # `found_inf` is 1, as under torch.amp.GradScaler: no copy of the parameters and state.
+        optimizer.found_inf = (~apply).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
     with torch.no_grad():
         before = {k: v.detach().clone() for k, v in _optimizer_tensors(optimizer).items()}
         optimizer.step()
