@@ -401,16 +401,15 @@ class FiniteGuard:
 def create_train_state(config: Any, model: nn.Module) -> TrainState:
     """A TrainState at step 0: Adam and the schedule of `create_optimizer`, seeded by `config.seed`, with a
     `FiniteGuard` following `config.nan_policy`."""
-    from mipnerf360 import configs  # pylint: disable=import-outside-toplevel
     if config.nan_policy not in NAN_POLICIES:
-        raise configs.ConfigError(f'Config.nan_policy = {config.nan_policy!r} is not one of {NAN_POLICIES}; '
-                                  "use 'stop' (the default) or 'skip_step'.")
+        raise ConfigError(f'Config.nan_policy = {config.nan_policy!r} is not one of {NAN_POLICIES}; '
+                          "use 'stop' (the default) or 'skip_step'.")
     if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
-        raise configs.ConfigError(f'Config.grad_accum_steps = {config.grad_accum_steps!r} must be an integer >= 1 '
-                                  '(1: no accumulation).')
+        raise ConfigError(f'Config.grad_accum_steps = {config.grad_accum_steps!r} must be an integer >= 1 '
+                          '(1: no accumulation).')
     if config.nan_max_skips_in_a_row < 1:
-        raise configs.ConfigError(f'Config.nan_max_skips_in_a_row = {config.nan_max_skips_in_a_row} must be '
-                                  '>= 1; set it to e.g. 100.')
+        raise ConfigError(f'Config.nan_max_skips_in_a_row = {config.nan_max_skips_in_a_row} must be '
+                          '>= 1; set it to e.g. 100.')
     optimizer, lr_fn = create_optimizer(config, model)
     device = next(_unwrap(model).parameters()).device
     guard = FiniteGuard(device, config.nan_policy, config.nan_max_skips_in_a_row)
