@@ -142,7 +142,14 @@ def nonfinite_entries(tree: Any) -> List[str]:
     entries = _float_tensors(tree)
     if not entries:
         return []
-    finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in entries]).tolist()
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, (_, t) in enumerate(entries):
+        by_device.setdefault(t.device, []).append(i)
+    finite = [True] * len(entries)
+    for indices in by_device.values():  # One device-to-host copy per device, not one per tensor.
+        flags = torch.stack([torch.isfinite(entries[i][1]).all() for i in indices]).cpu().tolist()
+        for i, ok in zip(indices, flags):
+            finite[i] = ok
     return [name for (name, _), ok in zip(entries, finite) if not ok]
 
 

@@ -401,16 +401,15 @@ class FiniteGuard:
 def create_train_state(config: Any, model: nn.Module) -> TrainState:
     """A TrainState at step 0: Adam and the schedule of `create_optimizer`, seeded by `config.seed`, with a
     `FiniteGuard` following `config.nan_policy`."""
-    from mipnerf360 import configs  # pylint: disable=import-outside-toplevel
     if config.nan_policy not in NAN_POLICIES:
-        raise configs.ConfigError(f'Config.nan_policy = {config.nan_policy!r} is not one of {NAN_POLICIES}; '
-                                  "use 'stop' (the default) or 'skip_step'.")
+        raise ConfigError(f'Config.nan_policy = {config.nan_policy!r} is not one of {NAN_POLICIES}; '
+                          "use 'stop' (the default) or 'skip_step'.")
     if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
-        raise configs.ConfigError(f'Config.grad_accum_steps = {config.grad_accum_steps!r} must be an integer >= 1 '
-                                  '(1: no accumulation).')
+        raise ConfigError(f'Config.grad_accum_steps = {config.grad_accum_steps!r} must be an integer >= 1 '
+                          '(1: no accumulation).')
     if config.nan_max_skips_in_a_row < 1:
-        raise configs.ConfigError(f'Config.nan_max_skips_in_a_row = {config.nan_max_skips_in_a_row} must be '
-                                  '>= 1; set it to e.g. 100.')
+        raise ConfigError(f'Config.nan_max_skips_in_a_row = {config.nan_max_skips_in_a_row} must be '
+                          '>= 1; set it to e.g. 100.')
     optimizer, lr_fn = create_optimizer(config, model)
     device = next(_unwrap(model).parameters()).device
     guard = FiniteGuard(device, config.nan_policy, config.nan_max_skips_in_a_row)
@@ -432,6 +431,15 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Dict[Tuple[int, str]
 def _guarded_optimizer_step(optimizer: torch.optim.Optimizer, apply: torch.Tensor):
     """optimizer.step(), undone on the device where `apply` (a 0-d bool) is False: the parameters and the
     optimizer state (fresh state counts as zeros, as Adam's initial state) keep their values."""
+    if optimizer.defaults.get('fused'):
+        # The fused kernel skips the whole update (moments and step count included) on the device where
+        # `found_inf` is 1, as under torch.amp.GradScaler: no copy of the parameters and state.
+        optimizer.found_inf = (~apply).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
     with torch.no_grad():
         before = {k: v.detach().clone() for k, v in _optimizer_tensors(optimizer).items()}
         optimizer.step()

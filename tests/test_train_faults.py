@@ -183,3 +183,24 @@ def test_diverging_run_stops_with_one_line_and_keeps_good_checkpoints(tmp_path):
     assert 'newest good checkpoint is none' in lines[0]
     assert 'Skipped 1 non-finite update(s) by step 2 (1 in all' in proc.stdout
     assert checkpoints.list_checkpoints(str(ckpt)) == []
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_guarded_optimizer_step_skips_or_applies_exactly(fused):
+    """Fused Adam skips through its `found_inf`; the unfused one by restoring copies: both bit-exact."""
+    def adam():
+        p = torch.nn.Parameter(torch.arange(4, dtype=torch.float32))
+        return p, torch.optim.Adam([p], lr=0.1, fused=fused)
+    for apply in (True, False):
+        p, opt = adam()
+        ref_p, ref_opt = adam()
+        for i in range(3):
+            p.grad = ref_p.grad = torch.full((4,), 1. + i)
+            skip_now = not apply and i == 1
+            train_utils._guarded_optimizer_step(opt, torch.tensor(not skip_now))
+            if not skip_now:
+                ref_opt.step()
+        assert torch.equal(p, ref_p)
+        for name, v in ref_opt.state[ref_p].items():
+            assert torch.equal(opt.state[p][name], v), (apply, name)
+        assert not hasattr(opt, 'found_inf')
