@@ -174,3 +174,20 @@ def test_prefetcher_reraises_errors_of_its_thread(colmap_scene):
     with datasets.Prefetcher(sampler, start_step=2) as prefetcher:
         with pytest.raises(ValueError, match='step 2'):
             next(prefetcher)
+
+
+def test_mixed_8_bit_and_float_images_are_served_in_0_1():
+    """An 8-bit image next to a float (16-bit file) one is served as u8 / 255, not as 0..255 floats."""
+    u8 = np.full((2, 3, 3), 255, np.uint8)
+    f32 = np.full((2, 3, 3), .5, np.float32)
+    for images in ([u8, f32], datasets.scene.stack_if_same([u8, f32]),
+                   [u8, np.full((4, 3, 3), .5, np.float32)]):
+        n = len(images)
+        heights = np.array([im.shape[0] for im in images])
+        scene = datasets.Scene(split=utils.DataSplit.TEST, data_dir='', images=images,
+                               camtoworlds=np.tile(np.eye(4)[None, :3], (n, 1, 1)),
+                               pixtocams=np.tile(np.eye(3)[None], (n, 1, 1)), widths=np.array([3] * n),
+                               heights=heights, near=0., far=1.)
+        sampler = datasets.RaySampler(scene, _config(''))
+        np.testing.assert_array_equal(sampler.generate_ray_batch(0).rgb.numpy(), 1.)
+        np.testing.assert_array_equal(sampler.generate_ray_batch(1).rgb.numpy(), .5)

@@ -25,7 +25,7 @@ from mipnerf360 import camera_utils
 from mipnerf360 import configs
 from mipnerf360 import raw_utils
 from mipnerf360 import utils
-from mipnerf360.datasets.scene import DatasetError, Scene
+from mipnerf360.datasets.scene import DatasetError, Scene, image_as_float
 
 
 def _seed_for(seed: int, step: int, rank: int) -> int:
@@ -41,7 +41,9 @@ class _FlatImages:
         arrs: List[np.ndarray] = [np.asarray(a) for a in images]
         sizes = np.array([a.shape[0] * a.shape[1] for a in arrs], dtype=np.int64)
         dtype = np.uint8 if all(a.dtype == np.uint8 for a in arrs) else np.float32
-        flat = np.concatenate([a.reshape((-1,) + a.shape[2:]).astype(dtype, copy=False) for a in arrs])
+        if dtype != np.uint8:  # 8-bit images among float ones are scaled to [0, 1] like the float ones.
+            arrs = [image_as_float(a).astype(dtype, copy=False) for a in arrs]
+        flat = np.concatenate([a.reshape((-1,) + a.shape[2:]) for a in arrs])
         self.pixels = torch.as_tensor(flat, device=device)
         self.offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), device=device)
         self.widths = torch.as_tensor(np.array([a.shape[1] for a in arrs], dtype=np.int64), device=device)
