@@ -28,9 +28,10 @@ from mipnerf360 import utils
 from mipnerf360.datasets.scene import DatasetError, Scene, image_as_float
 
 
-def _seed_for(seed: int, step: int, rank: int) -> int:
-    """A 63-bit generator seed that is a pure function of (seed, step, rank)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), int(rank)]).generate_state(2, np.uint32)
+def _seed_for(seed: int, step: int) -> int:
+    """A 63-bit generator seed that is a pure function of (seed, step) (the same on every rank, which slices the
+    global batch; the trailing 0 keeps the streams of when the rank was hashed in)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), 0]).generate_state(2, np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
@@ -178,7 +179,7 @@ class RaySampler:
     def train_generator(self, step: int) -> torch.Generator:
         """The torch.Generator (on the device) that draws the global batch of `step` (the same on every rank)."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(_seed_for(self._seed, step, 0))
+        gen.manual_seed(_seed_for(self._seed, step))
         return gen
 
     def get_train_batch(self, step: int) -> utils.Batch:
