@@ -143,8 +143,10 @@ def test_sampler_cameras_and_cycling(multicam_scene):
     # Pixels cast with `cameras` in the train step give the rays the sampler casts itself.
     train = load('train', d, cfg)
     px = train.get_train_batch(0).rays
-    np.testing.assert_array_equal(camera_utils.cast_ray_batch(train.cameras, px, train.camtype, xnp=torch).origins,
-                                  train.cast_rays(px).origins)
+    cast_here = load('train', d, _config(d, factor=2, batch_size=64)).get_train_batch(0).rays
+    cast_later = camera_utils.cast_ray_batch(train.cameras, px, train.camtype, xnp=torch)
+    for field in ('origins', 'directions', 'radii'):
+        np.testing.assert_array_equal(getattr(cast_later, field), getattr(cast_here, field))
     seen = [next(sampler).rgb for _ in range(sampler.size + 1)]
     assert torch.equal(seen[-1], seen[0]) and not torch.equal(seen[1], seen[0])
 
@@ -158,3 +160,34 @@ def test_prefetcher_exposes_its_sampler(colmap_scene):
         assert prefetcher.cameras is sampler.cameras
         assert torch.equal(next(prefetcher).rgb, sampler.get_train_batch(3).rgb)
     assert not prefetcher._thread.is_alive()  # pylint: disable=protected-access
+
+
+def test_prefetcher_reraises_errors_of_its_thread(colmap_scene):
+    """An exception in get_train_batch reaches next() instead of leaving it blocked forever."""
+    d, _ = colmap_scene
+    sampler = load('train', d, _config(d, factor=4, batch_size=64))
+
+    def fail(step):
+        raise ValueError(f'step {step}')
+
+    sampler.get_train_batch = fail
+    with datasets.Prefetcher(sampler, start_step=2) as prefetcher:
+        with pytest.raises(ValueError, match='step 2'):
+            next(prefetcher)
+
+
+def test_mixed_8_bit_and_float_images_are_served_in_0_1():
+    """An 8-bit image next to a float (16-bit file) one is served as u8 / 255, not as 0..255 floats."""
+    u8 = np.full((2, 3, 3), 255, np.uint8)
+    f32 = np.full((2, 3, 3), .5, np.float32)
+    for images in ([u8, f32], datasets.scene.stack_if_same([u8, f32]),
+                   [u8, np.full((4, 3, 3), .5, np.float32)]):
+        n = len(images)
+        heights = np.array([im.shape[0] for im in images])
+        scene = datasets.Scene(split=utils.DataSplit.TEST, data_dir='', images=images,
+                               camtoworlds=np.tile(np.eye(4)[None, :3], (n, 1, 1)),
+                               pixtocams=np.tile(np.eye(3)[None], (n, 1, 1)), widths=np.array([3] * n),
+                               heights=heights, near=0., far=1.)
+        sampler = datasets.RaySampler(scene, _config(''))
+        np.testing.assert_array_equal(sampler.generate_ray_batch(0).rgb.numpy(), 1.)
+        np.testing.assert_array_equal(sampler.generate_ray_batch(1).rgb.numpy(), .5)

@@ -67,13 +67,18 @@ class Prefetcher:
     def _run(self):
         step = self._next_step
         while not self._stop.is_set():
-            item = (step, self.sampler.get_train_batch(step))
+            try:
+                item = (step, self.sampler.get_train_batch(step))
+            except BaseException as e:  # pylint: disable=broad-except
+                item = (step, e)  # Re-raised by next() instead of leaving it blocked on an empty queue.
             while not self._stop.is_set():
                 try:
                     self._queue.put(item, timeout=0.1)
                     break
                 except queue.Full:
                     continue
+            if isinstance(item[1], BaseException):
+                return
             step += 1
 
     def __iter__(self):
@@ -86,6 +91,8 @@ class Prefetcher:
                 _LIVE.add(self)
                 self._thread.start()
         step, batch = self._queue.get()
+        if isinstance(batch, BaseException):
+            raise batch
         self._next_step = step + 1
         return batch
 

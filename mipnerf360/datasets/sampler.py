@@ -25,12 +25,13 @@ from mipnerf360 import camera_utils
 from mipnerf360 import configs
 from mipnerf360 import raw_utils
 from mipnerf360 import utils
-from mipnerf360.datasets.scene import DatasetError, Scene
+from mipnerf360.datasets.scene import DatasetError, Scene, image_as_float
 
 
-def _seed_for(seed: int, step: int, rank: int) -> int:
-    """A 63-bit generator seed that is a pure function of (seed, step, rank)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), int(rank)]).generate_state(2, np.uint32)
+def _seed_for(seed: int, step: int) -> int:
+    """A 63-bit generator seed that is a pure function of (seed, step) (the same on every rank, which slices the
+    global batch; the trailing 0 keeps the streams of when the rank was hashed in)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), 0]).generate_state(2, np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
@@ -41,7 +42,9 @@ class _FlatImages:
         arrs: List[np.ndarray] = [np.asarray(a) for a in images]
         sizes = np.array([a.shape[0] * a.shape[1] for a in arrs], dtype=np.int64)
         dtype = np.uint8 if all(a.dtype == np.uint8 for a in arrs) else np.float32
-        flat = np.concatenate([a.reshape((-1,) + a.shape[2:]).astype(dtype, copy=False) for a in arrs])
+        if dtype != np.uint8:  # 8-bit images among float ones are scaled to [0, 1] like the float ones.
+            arrs = [image_as_float(a).astype(dtype, copy=False) for a in arrs]
+        flat = np.concatenate([a.reshape((-1,) + a.shape[2:]) for a in arrs])
         self.pixels = torch.as_tensor(flat, device=device)
         self.offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), device=device)
         self.widths = torch.as_tensor(np.array([a.shape[1] for a in arrs], dtype=np.int64), device=device)
@@ -176,7 +179,7 @@ class RaySampler:
     def train_generator(self, step: int) -> torch.Generator:
         """The torch.Generator (on the device) that draws the global batch of `step` (the same on every rank)."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(_seed_for(self._seed, step, 0))
+        gen.manual_seed(_seed_for(self._seed, step))
         return gen
 
     def get_train_batch(self, step: int) -> utils.Batch:

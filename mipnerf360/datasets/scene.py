@@ -179,7 +179,10 @@ def resize_area(img: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 
 
 def stack_if_same(images: List[np.ndarray]) -> Images:
-    """One `[N, H, W, ...]` array when all images have the same shape, else the list."""
+    """One `[N, H, W, ...]` array when all images have the same shape, else the list. A mix of 8-bit and float
+    images (8- and 16-bit files) is made float32 in [0, 1] throughout (`image_as_float`)."""
+    if len({im.dtype for im in images}) > 1:
+        images = [image_as_float(im).astype(np.float32, copy=False) for im in images]
     if images and all(im.shape == images[0].shape for im in images):
         return np.stack(images)
     return images
