@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import tqdm
 
-from mipnerf360 import camera_utils, configs, models
+from mipnerf360 import camera_utils, configs, models, utils
 
 FRAMES = ('input', 'normalized')
 METHODS = ('tsdf', 'density')
@@ -496,13 +495,14 @@ def write_ply(path: str, points: np.ndarray, colors: np.ndarray, normals: Option
         face['n'] = 3
         face['v'] = faces
     header.append('end_header')
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        f.write(('\n'.join(header) + '\n').encode('ascii'))
-        f.write(vertex.tobytes())
-        if face is not None:
-            f.write(face.tobytes())
-    os.replace(tmp, path)
+
+    def save(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(('\n'.join(header) + '\n').encode('ascii'))
+            f.write(vertex.tobytes())
+            if face is not None:
+                f.write(face.tobytes())
+    utils._atomic_save(path, save)  # pylint: disable=protected-access
 
 
 def write_point_cloud(path: str, cloud: PointCloud):

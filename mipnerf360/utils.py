@@ -192,6 +192,14 @@ def _atomic_save(pth: str, save_fn: Callable[[str], None]):
             os.remove(tmp)
 
 
+def save_text(pth: str, text: str):
+    """Writes `text` to `pth` (atomically)."""
+    def save(p):
+        with open(p, 'w') as f:
+            f.write(text)
+    _atomic_save(pth, save)
+
+
 def save_img_u8(img: np.ndarray, pth: str):
     """Saves an image in [0, 1] as an 8-bit PNG (written atomically)."""
     arr = (np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0., 1.) * 255.).round().astype(np.uint8)

@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from mipnerf360 import camera_utils, configs, models, train_utils, utils, vis
+from mipnerf360 import camera_utils, configs, models, synthetic, train_utils, utils, vis
 
 _OPENCV_TO_OPENGL = np.diag([1., -1., -1.])
 MODES = ('colour', 'depth', 'accumulation')
@@ -41,32 +41,9 @@ class ViewerError(configs.ConfigError):
 
 # -- Cameras. --------------------------------------------------------------------------------------------------
 
-def quaternion_to_matrix(wxyz: np.ndarray) -> np.ndarray:
-    """[3, 3] rotation of a (not necessarily unit) quaternion (w, x, y, z)."""
-    w, x, y, z = np.asarray(wxyz, np.float64) / np.linalg.norm(wxyz)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
-
-
-def matrix_to_quaternion(rotation: np.ndarray) -> np.ndarray:
-    """The unit quaternion (w, x, y, z), w >= 0, of a [3, 3] rotation (the inverse of quaternion_to_matrix)."""
-    r = np.asarray(rotation, np.float64)
-    # The largest of 4 w^2, 4 x^2, 4 y^2, 4 z^2 (the diagonal combinations) gives a well-conditioned division.
-    squares = np.array([1 + r[0, 0] + r[1, 1] + r[2, 2], 1 + r[0, 0] - r[1, 1] - r[2, 2],
-                        1 - r[0, 0] + r[1, 1] - r[2, 2], 1 - r[0, 0] - r[1, 1] + r[2, 2]])
-    i = int(np.argmax(squares))
-    s = 2 * np.sqrt(max(squares[i], 1e-12))
-    if i == 0:
-        q = [s / 4, (r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s, (r[1, 0] - r[0, 1]) / s]
-    elif i == 1:
-        q = [(r[2, 1] - r[1, 2]) / s, s / 4, (r[0, 1] + r[1, 0]) / s, (r[0, 2] + r[2, 0]) / s]
-    elif i == 2:
-        q = [(r[0, 2] - r[2, 0]) / s, (r[0, 1] + r[1, 0]) / s, s / 4, (r[1, 2] + r[2, 1]) / s]
-    else:
-        q = [(r[1, 0] - r[0, 1]) / s, (r[0, 2] + r[2, 0]) / s, (r[1, 2] + r[2, 1]) / s, s / 4]
-    q = np.array(q)
-    return q if q[0] >= 0 else -q
+# The (w, x, y, z) quaternion <-> rotation maps are COLMAP's, kept in `synthetic`.
+quaternion_to_matrix = synthetic.qvec_to_rotmat
+matrix_to_quaternion = synthetic.rotmat_to_qvec
 
 
 def viser_to_camtoworld(wxyz: np.ndarray, position: np.ndarray) -> np.ndarray:

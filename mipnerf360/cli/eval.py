@@ -54,13 +54,6 @@ def _finite_or_none(values):
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
-def _write_text(path: str, text: str):
-    def write(p):
-        with open(p, 'w') as f:
-            f.write(text)
-    utils._atomic_save(path, write)  # pylint: disable=protected-access
-
-
 def _gather(obj, world_size: int):
     """Every rank's `obj`, in rank order (gloo all_gather_object); [obj] when not distributed."""
     if world_size <= 1:
@@ -132,7 +125,7 @@ def _write_showcases(config, showcases, step: int, writer, path_fn, postprocess_
     if config.eval_save_output and config.eval_save_ray_data:
         with np.printoptions(threshold=sys.maxsize):
             for i, r, _ in showcases:
-                _write_text(path_fn(f'ray_data_{step}_{i}.txt'), repr({k: v for k, v in r.items() if 'ray_' in k}))
+                utils.save_text(path_fn(f'ray_data_{step}_{i}.txt'), repr({k: v for k, v in r.items() if 'ray_' in k}))
 
 
 def _summarise(results, step: int):
@@ -156,17 +149,17 @@ def _write_metric_files(summary, metrics, metrics_cc, render_times, non_finite, 
     path_fn = lambda x: os.path.join(out_dir, x)
     names = list(metrics[0]) if metrics else []
     os.makedirs(out_dir, exist_ok=True)
-    _write_text(path_fn(f'render_times_{step}.txt'), ' '.join(str(r) for r in render_times))
+    utils.save_text(path_fn(f'render_times_{step}.txt'), ' '.join(str(r) for r in render_times))
     for name in names:
-        _write_text(path_fn(f'metric_{name}_{step}.txt'), ' '.join(str(m[name]) for m in metrics))
+        utils.save_text(path_fn(f'metric_{name}_{step}.txt'), ' '.join(str(m[name]) for m in metrics))
     for name in (list(metrics_cc[0]) if metrics_cc else []):
-        _write_text(path_fn(f'metric_cc_{name}_{step}.txt'), ' '.join(str(m[name]) for m in metrics_cc))
+        utils.save_text(path_fn(f'metric_cc_{name}_{step}.txt'), ' '.join(str(m[name]) for m in metrics_cc))
     doc = {k: (None if k in non_finite else v) for k, v in summary.items()}
     doc['per_image'] = {name: _finite_or_none([m[name] for m in metrics]) for name in names}
     doc['render_times'] = render_times
     if non_finite:
         doc['non_finite'] = non_finite
-    _write_text(path_fn('metrics.json'), json.dumps(doc, indent=1, allow_nan=False))
+    utils.save_text(path_fn('metrics.json'), json.dumps(doc, indent=1, allow_nan=False))
 
 
 def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, log=print, rank: int = 0,

@@ -194,12 +194,7 @@ def _prepare_frame_folder(config, out_dir: str, base_dir: str, out_name: str, ma
         print(f'{reason}: re-rendering.', flush=True)
         _clear_frames(out_dir, base_dir, video_prefix(config.checkpoint_dir, out_name))
     if reason is not None or not os.path.exists(os.path.join(out_dir, MANIFEST)):
-        text = json.dumps(manifest, indent=1)
-
-        def write(p):
-            with open(p, 'w') as f:
-                f.write(text)
-        utils._atomic_save(os.path.join(out_dir, MANIFEST), write)  # pylint: disable=protected-access
+        utils.save_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
 
 
 def main(unused_argv):
