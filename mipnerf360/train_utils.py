@@ -453,6 +453,12 @@ def train_frac_of(step: int, config: Any) -> float:
     return float(np.clip((step - 1) / max(config.max_steps - 1, 1), 0, 1))
 
 
+def eval_train_frac(step: int, config: Any) -> float:
+    """The training fraction a checkpoint of `step` is evaluated (and exported) at: step / max_steps, as the
+    reference's eval.py."""
+    return float(np.clip(step / config.max_steps, 0, 1))
+
+
 def _compute_losses(state: TrainState, batch: utils.Batch, rays: utils.Rays, config: Any, rng: Optional[
         torch.Generator], train_frac: float, weight_decay: bool = True) -> Tuple[Dict[str, torch.Tensor], Stats,
                                                                                 torch.Tensor]:

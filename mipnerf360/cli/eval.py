@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from mipnerf360 import checkpoints, image, models, raw_utils, ref_utils, utils, vis
+from mipnerf360 import checkpoints, image, models, raw_utils, ref_utils, train_utils, utils, vis
 from mipnerf360.cli import common
 from mipnerf360.cli import render as render_cli
 
@@ -177,7 +177,7 @@ def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, 
         os.makedirs(out_dir, exist_ok=True)
     path_fn = lambda x: os.path.join(out_dir, x)
     num_eval = min(dataset.size, config.eval_dataset_limit)
-    train_frac = float(np.clip(step / config.max_steps, 0, 1))
+    train_frac = train_utils.eval_train_frac(step, config)
     showcase = set(showcase_indices(config, num_eval, step).tolist())
     keep_showcases = writer is not None or config.eval_save_ray_data
     results, showcases = {}, []

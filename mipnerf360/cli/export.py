@@ -16,10 +16,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import numpy as np
 from absl import flags
 
-from mipnerf360 import datasets, export, models
+from mipnerf360 import datasets, export, train_utils
 from mipnerf360.cli import common
 
 MODES = ('pointcloud', 'mesh')
@@ -96,10 +95,10 @@ def main(argv):
     if bbox is None:
         bbox = export.default_bbox(scene.camtoworlds)
     grid = export.Grid.over(bbox, f.resolution)
-    model = models.construct_model(config=config, device=device)
+    model = common.build_model(config, device)
     step = common.restore_model(model, config, device)
     model.eval()
-    train_frac = float(np.clip(step / config.max_steps, 0, 1))
+    train_frac = train_utils.eval_train_frac(step, config)
     print(f'Exporting {mode} from step {step}; box {export.format_bbox(bbox)} (normalised frame).', flush=True)
     transform = export.frame_transform(scene.world_transform, f.frame)
     chunk = {} if f.export_chunk is None else {'chunk': f.export_chunk}
