@@ -60,13 +60,16 @@ def test_binary_registers_every_view_at_the_true_poses(binary_scene):
     gt = np.stack([info.camtoworlds[info.names.index(n)] for n in names])
     s, rot, t = _similarity_align(poses[:, :3, 3], gt[:, :3, 3])
     err = np.linalg.norm(s * poses[:, :3, 3] @ rot.T + t - gt[:, :3, 3], axis=-1)
-    # COLMAP 3.8's mapper is not deterministic, even on one thread: over repeated runs of this capture the worst
-    # view's centre error ranged 0.04-0.073 (1.3-2.4% of the ring radius) and rotations up to 0.052 (~3 degrees).
-    assert err.max() < 0.035 * 3.0, err.max()  # 3.5% of the ring radius.
-    assert np.median(err) < 0.01 * 3.0, np.median(err)
-    np.testing.assert_allclose(rot @ poses[:, :3, :3], gt[:, :3, :3], atol=0.08)
-    # The focal length COLMAP refined is the true one (0.9 * width) to 2%.
-    np.testing.assert_allclose(1 / pixtocams[0, 0, 0], 0.9 * WIDTH, rtol=0.02)
+    # COLMAP 3.8's mapper is not deterministic, even on one thread. Over 12 runs of this capture (2026-12-01) all
+    # 30 views registered every time; the worst view's centre error was 0.043-0.066 (1.4-2.2% of the ring radius
+    # 3.0), the median 0.018-0.045, the largest rotation-matrix entry error 0.015-0.063 and the focal length within
+    # 1.3%. The bounds leave about 2x that; a wrong pose convention (c2w vs w2c, axis flips) misplaces cameras by
+    # a good fraction of the radius.
+    assert err.max() < 0.05 * 3.0, err.max()
+    assert np.median(err) < 0.03 * 3.0, np.median(err)
+    np.testing.assert_allclose(rot @ poses[:, :3, :3], gt[:, :3, :3], atol=0.12)
+    # The focal length COLMAP refined is the true one (0.9 * width) to 3%.
+    np.testing.assert_allclose(1 / pixtocams[0, 0, 0], 0.9 * WIDTH, rtol=0.03)
     for f in (2, 4, 8):
         assert Image.open(os.path.join(scene, f'images_{f}', names[0])).size == \
             synthetic.downsampled_size(WIDTH, HEIGHT, f)
