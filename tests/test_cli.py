@@ -267,6 +267,42 @@ def test_resume_is_exact(workdir):
     assert any(not torch.equal(mid_model[k], b_model[k]) for k in b_model)
 
 
+def test_train_holds_the_process_group_for_the_whole_run(workdir, monkeypatch):
+    """train runs every step inside `common.distributed_group` (as eval and render do), and leaves it also when a
+    step fails."""
+    import contextlib
+    from mipnerf360 import train_utils
+    from mipnerf360.cli import common, train
+    events = []
+
+    @contextlib.contextmanager
+    def group(world_size, device):
+        events.append(('enter', world_size, device.type))
+        try:
+            yield
+        finally:
+            events.append(('exit',))
+
+    real_step = train_utils.train_step
+
+    def step(state, *args, **kwargs):
+        events.append(('step', state.step))
+        if fail and state.step == 0:
+            raise RuntimeError('step failed')
+        return real_step(state, *args, **kwargs)
+
+    monkeypatch.setattr(common, 'distributed_group', group)
+    monkeypatch.setattr(train_utils, 'train_step', step)
+    for fail in (False, True):
+        events.clear()
+        ckpt = workdir / f'group_ckpt_{fail}'
+        code = _in_process(train, _flags(str(workdir / 'tiny.gin'), str(workdir / 'scene'), ckpt,
+                                         'Config.max_steps = 2', "Config.device = 'cpu'"))
+        assert code == (common.EXIT_BUG if fail else 0)
+        steps = [('step', 0)] if fail else [('step', 0), ('step', 1)]
+        assert events == [('enter', 1, 'cpu')] + steps + [('exit',)], events
+
+
 def test_train_passes_dataset_camtype(workdir, monkeypatch):
     """Fisheye cameras with rays cast in the train step: train_step gets the dataset's camtype and cameras
     on the model's device."""
