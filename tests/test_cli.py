@@ -170,6 +170,25 @@ def test_end_to_end_quality_and_outputs(workdir, trained):
     assert len((preds / f'render_times_{TRAIN_STEPS}.txt').read_text().split()) == len(test_idx)
 
 
+def test_eval_pngs_give_the_psnr_in_metrics_json(workdir, trained):
+    """Each color_XXX.png eval wrote, read back, is the 8-bit image its metrics were computed on: its PSNR against
+    the ground truth as eval holds it (uint8 / 255 in float32) is metrics.json's to 1e-9 dB (one pixel one level
+    off would move it by ~3e-6 dB)."""
+    from mipnerf360 import image
+    ckpt, _ = trained
+    with open(ckpt / 'test_preds' / 'metrics.json') as f:
+        per_image = json.load(f)['per_image']['psnr']
+    scene = workdir / 'scene' / 'images_2'
+    names = sorted(os.listdir(scene))
+    test_names = [n for i, n in enumerate(names) if i % 8 == 0]
+    assert len(test_names) == len(per_image)
+    harness = image.MetricHarness(compute_lpips=False)
+    for k, name in enumerate(test_names):
+        gt = (utils.load_img(str(scene / name))[..., :3] / np.float32(255)).astype(np.float64)
+        png = utils.load_img(str(ckpt / 'test_preds' / f'color_{k:03d}.png'))[..., :3].astype(np.float64) / 255
+        assert abs(harness(png, gt)['psnr'] - per_image[k]) < 1e-9, (k, harness(png, gt)['psnr'], per_image[k])
+
+
 def test_render_writes_h264_videos(trained):
     import imageio_ffmpeg
     ckpt, out = trained
