@@ -16,9 +16,11 @@ input they return tensors on the device of the inputs; called with numpy inputs 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import inspect
+import itertools
 import types
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -54,6 +56,44 @@ def _is_placed(a: Any, device: torch.device, float_dtype: Optional[torch.dtype])
     return a.device == device and (float_dtype is None or not a.is_floating_point() or a.dtype == float_dtype)
 
 
+# Leaves that `_to_torch` passes through unchanged.
+_PLAIN = (bool, int, float, complex, str, type(None), enum.Enum, types.ModuleType, torch.device, torch.dtype)
+
+
+class _Placement:
+    """The device and the placed float dtype seen so far by `_all_placed`."""
+    __slots__ = ('device', 'dtype')
+
+    def __init__(self):
+        self.device: Optional[torch.device] = None
+        self.dtype: Optional[torch.dtype] = None
+
+
+def _all_placed(tree: Any, seen: _Placement, placed: bool) -> bool:
+    """Whether every leaf of `tree` is a plain Python value or a tensor on `seen.device`, floating tensors of a
+    `placed` argument in `seen.dtype` (the first tensors met set both): a tree the slow path leaves as it is."""
+    if isinstance(tree, torch.Tensor):
+        if seen.device is None:
+            seen.device = tree.device
+        elif tree.device != seen.device:
+            return False
+        if placed and tree.is_floating_point():
+            if seen.dtype is None:
+                seen.dtype = tree.dtype
+            elif tree.dtype != seen.dtype:
+                return False
+        return True
+    if isinstance(tree, _PLAIN):
+        return True
+    if isinstance(tree, (list, tuple)):
+        return all(_all_placed(v, seen, placed) for v in tree)
+    if isinstance(tree, dict):
+        return all(_all_placed(v, seen, placed) for v in tree.values())
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return all(_all_placed(getattr(tree, f.name), seen, placed) for f in dataclasses.fields(tree))
+    return False  # numpy values (converted by the slow path) and anything unknown.
+
+
 def _to_torch(a: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> Any:
     """numpy arrays and tensors -> tensors on `device` (floating ones in `float_dtype` if given)."""
     if isinstance(a, np.generic):
@@ -78,14 +118,32 @@ def _torch_rays(*placement: str) -> Callable[[Callable], Callable]:
     arguments become tensors on the device of the first tensor. The floating arrays of the arguments named in
     `placement` (default: all) take one dtype: that of the first floating tensor among them, else the numpy
     result type of their floating arrays. Any other call runs the same torch code on CPU tensors made from
-    the numpy inputs (float64 stays float64, float32 stays float32) and returns numpy arrays.
+    the numpy inputs (float64 stays float64, float32 stays float32) and returns numpy arrays. A call that needs
+    none of this (tensors on one device, the placed floating ones of one dtype, and plain Python values: the
+    training and render case, and these functions' calls of each other) goes straight to `fn`.
     """
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
-        placed = placement or tuple(signature.parameters)
+        names = tuple(signature.parameters)
+        placed = placement or names  # In order: the first floating tensor among them sets the dtype.
+        is_placed = frozenset(placed)
+        xnp_index = names.index('xnp')
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+            raise TypeError(f'_torch_rays: {fn.__name__} must not take *args or **kwargs.')
+
+        def in_place(args: tuple, kwargs: dict) -> bool:
+            """Whether the call holds tensors (or xnp=torch) and nothing the slow path would convert."""
+            seen = _Placement()
+            named = itertools.chain(zip(names, args), kwargs.items())
+            if not all(_all_placed(value, seen, name in is_placed) for name, value in named):
+                return False
+            xnp = args[xnp_index] if len(args) > xnp_index else kwargs.get('xnp')
+            return seen.device is not None or xnp is torch
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if in_place(args, kwargs):  # The training / render case, and the nested calls: nothing to convert.
+                return fn(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
             arguments = bound.arguments
             leaves = {name: utils.tree_leaves(value) for name, value in arguments.items()}

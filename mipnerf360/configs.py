@@ -208,43 +208,48 @@ class ConfigError(ValueError):
     """A user-facing configuration problem (bad gin file or binding, or a value out of its range)."""
 
 
-# Ranges of the numeric Config fields: (kind, low, high, low_open, high_open); None bounds are unbounded.
-# kind 'int' takes Python ints, 'float' ints or finite floats. `far > near` and `render_job_id <
-# render_num_jobs` are checked across fields in `validate_config`.
-_AT_LEAST_1 = ('int', 1, None, False, False)
-_AT_LEAST_0 = ('int', 0, None, False, False)
-_NON_NEGATIVE = ('float', 0., None, False, False)
-_POSITIVE = ('float', 0., None, True, False)
-_FRACTION = ('float', 0., 1., False, False)
-_ANY_FLOAT = ('float', None, None, False, False)
+# A range (for `check_number`): (kind, low, high, low_open, high_open); None bounds are unbounded. kind 'int'
+# takes Python ints, 'float' ints or finite floats. These ranges serve Config's fields and the models' (models.py).
+def int_at_least(lo: int) -> Tuple[str, int, None, bool, bool]:
+    return ('int', lo, None, False, False)
+
+
+NON_NEGATIVE = ('float', 0., None, False, False)
+POSITIVE = ('float', 0., None, True, False)
+FRACTION = ('float', 0., 1., False, False)
+FINITE = ('float', None, None, False, False)
+_AT_LEAST_1 = int_at_least(1)
+_AT_LEAST_0 = int_at_least(0)
+# Ranges of the numeric Config fields. `far > near` and `render_job_id < render_num_jobs` are checked across
+# fields in `validate_config`.
 _RANGES: Dict[str, Tuple[str, Optional[float], Optional[float], bool, bool]] = {
         'batch_size': _AT_LEAST_1, 'patch_size': _AT_LEAST_1, 'factor': _AT_LEAST_0, 'llffhold': _AT_LEAST_1,
-        'gc_every': _AT_LEAST_1, 'near': _NON_NEGATIVE, 'far': _POSITIVE, 'render_chunk_size': _AT_LEAST_1,
+        'gc_every': _AT_LEAST_1, 'near': NON_NEGATIVE, 'far': POSITIVE, 'render_chunk_size': _AT_LEAST_1,
         'num_showcase_images': _AT_LEAST_0, 'vis_num_rays': _AT_LEAST_1, 'vis_decimate': _AT_LEAST_0,
         'max_steps': _AT_LEAST_1, 'early_exit_steps': _AT_LEAST_1, 'checkpoint_every': _AT_LEAST_1,
         'checkpoints_to_keep': _AT_LEAST_1, 'print_every': _AT_LEAST_1, 'train_render_every': _AT_LEAST_0,
-        'charb_padding': _NON_NEGATIVE, 'data_loss_mult': _NON_NEGATIVE, 'data_coarse_loss_mult': _NON_NEGATIVE,
-        'interlevel_loss_mult': _NON_NEGATIVE, 'orientation_loss_mult': _NON_NEGATIVE,
-        'orientation_coarse_loss_mult': _NON_NEGATIVE, 'robustnerf_inlier_quantile': _FRACTION,
-        'min_registered_fraction': _FRACTION,
+        'charb_padding': NON_NEGATIVE, 'data_loss_mult': NON_NEGATIVE, 'data_coarse_loss_mult': NON_NEGATIVE,
+        'interlevel_loss_mult': NON_NEGATIVE, 'orientation_loss_mult': NON_NEGATIVE,
+        'orientation_coarse_loss_mult': NON_NEGATIVE, 'robustnerf_inlier_quantile': FRACTION,
+        'min_registered_fraction': FRACTION,
         'robustnerf_inner_patch_size': _AT_LEAST_1, 'robustnerf_smoothed_filter_size': _AT_LEAST_1,
-        'robustnerf_smoothed_inlier_quantile': _FRACTION, 'robustnerf_inner_patch_inlier_quantile': _FRACTION,
-        'predicted_normal_loss_mult': _NON_NEGATIVE, 'predicted_normal_coarse_loss_mult': _NON_NEGATIVE,
-        'lr_init': _POSITIVE, 'lr_final': _POSITIVE, 'lr_delay_steps': _AT_LEAST_0, 'lr_delay_mult': _FRACTION,
+        'robustnerf_smoothed_inlier_quantile': FRACTION, 'robustnerf_inner_patch_inlier_quantile': FRACTION,
+        'predicted_normal_loss_mult': NON_NEGATIVE, 'predicted_normal_coarse_loss_mult': NON_NEGATIVE,
+        'lr_init': POSITIVE, 'lr_final': POSITIVE, 'lr_delay_steps': _AT_LEAST_0, 'lr_delay_mult': FRACTION,
         'adam_beta1': ('float', 0., 1., False, True), 'adam_beta2': ('float', 0., 1., False, True),
-        'adam_eps': _NON_NEGATIVE, 'grad_max_norm': _NON_NEGATIVE, 'grad_max_val': _NON_NEGATIVE,
-        'distortion_loss_mult': _NON_NEGATIVE, 'eval_render_interval': _AT_LEAST_0,
+        'adam_eps': NON_NEGATIVE, 'grad_max_norm': NON_NEGATIVE, 'grad_max_val': NON_NEGATIVE,
+        'distortion_loss_mult': NON_NEGATIVE, 'eval_render_interval': _AT_LEAST_0,
         'eval_dataset_limit': _AT_LEAST_1, 'eval_crop_borders': _AT_LEAST_0, 'render_video_fps': _AT_LEAST_1,
         'render_video_crf': ('int', 0, 51, False, False), 'render_path_frames': _AT_LEAST_1,
-        'z_variation': _ANY_FLOAT, 'z_phase': _ANY_FLOAT, 'render_dist_percentile': ('float', 0., 50., False, True),
-        'render_job_id': _AT_LEAST_0, 'render_num_jobs': _AT_LEAST_1, 'render_focal': _POSITIVE,
+        'z_variation': FINITE, 'z_phase': FINITE, 'render_dist_percentile': ('float', 0., 50., False, True),
+        'render_job_id': _AT_LEAST_0, 'render_num_jobs': _AT_LEAST_1, 'render_focal': POSITIVE,
         'render_spline_n_interp': _AT_LEAST_1, 'render_spline_degree': _AT_LEAST_1,
-        'render_spline_smoothness': _NON_NEGATIVE, 'exposure_percentile': ('float', 0., 100., False, False),
+        'render_spline_smoothness': NON_NEGATIVE, 'exposure_percentile': ('float', 0., 100., False, False),
         'num_border_pixels_to_mask': _AT_LEAST_0, 'dtu_light_cond': ('int', 0, 6, False, False),
         'dtuhold': _AT_LEAST_1, 'seed': ('int', 0, 2**63 - 1, False, False),
         'nan_max_skips_in_a_row': _AT_LEAST_1,
         'viewer_port': ('int', 1, 65535, False, False), 'viewer_max_resolution': _AT_LEAST_1,
-        'viewer_refresh_seconds': _NON_NEGATIVE,
+        'viewer_refresh_seconds': NON_NEGATIVE,
 }
 # Fields whose value must be one of a fixed set of strings (None allowed where the default is None).
 _CHOICES: Dict[str, Tuple[str, ...]] = {
@@ -284,7 +289,26 @@ def check_number(name: str, value: Any, kind, lo, hi, lo_open, hi_open, owner: s
         ok = value < hi if hi_open else value <= hi
     if not ok:
         raise ConfigError(f'{owner}.{name} = {value!r} must be {_describe_range(kind, lo, hi, lo_open, hi_open)}; '
-                          f'fix the gin file or --gin_bindings="{owner}.{name} = ...".')
+                          f'{_fix_hint(owner, name)}')
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str], owner: str = 'Config', none_ok: bool = False):
+    """Raises ConfigError unless `value` is one of the strings `choices` (or None, when `none_ok`); `owner` as in
+    `check_number`."""
+    if (value is None and none_ok) or (isinstance(value, str) and value in choices):
+        return
+    allowed = ', '.join(map(repr, choices)) + (' or None' if none_ok else '')
+    raise ConfigError(f'{owner}.{name} = {value!r} must be one of {allowed}; {_fix_hint(owner, name)}')
+
+
+def check_bool(name: str, value: Any, owner: str = 'Config'):
+    """Raises ConfigError unless `value` is True or False; `owner` as in `check_number`."""
+    if not isinstance(value, bool):
+        raise ConfigError(f'{owner}.{name} = {value!r} must be True or False; {_fix_hint(owner, name)}')
+
+
+def _fix_hint(owner: str, name: str) -> str:
+    return f'fix the gin file or --gin_bindings="{owner}.{name} = ...".'
 
 
 def validate_config(config: 'Config') -> 'Config':
@@ -297,20 +321,14 @@ def validate_config(config: 'Config') -> 'Config':
             continue
         check_number(name, value, *rng)
     for name, choices in _CHOICES.items():
-        value = getattr(config, name)
-        if value is None and defaults[name] is None:
-            continue
-        if value not in choices:
-            raise ConfigError(f'Config.{name} = {value!r} must be one of {", ".join(map(repr, choices))}.')
+        check_choice(name, getattr(config, name), choices, none_ok=defaults[name] is None)
     for name in _STRINGS:
         value = getattr(config, name)
         if not (isinstance(value, str) or (value is None and defaults[name] is None)):
             raise ConfigError(f'Config.{name} = {value!r} must be a string (a quoted name or path).')
     for f in dataclasses.fields(Config):
         if f.default is True or f.default is False:
-            value = getattr(config, f.name)
-            if not isinstance(value, bool):
-                raise ConfigError(f'Config.{f.name} = {value!r} must be True or False.')
+            check_bool(f.name, getattr(config, f.name))
     accum = config.grad_accum_steps
     if accum != 'auto' and not (isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1):
         raise ConfigError(f"Config.grad_accum_steps = {accum!r} must be an integer >= 1 or 'auto'; fix the gin file "

@@ -230,10 +230,6 @@ def _in_box(points: np.ndarray, bbox: Optional[BBox]) -> np.ndarray:
     return np.all((points >= bbox[0]) & (points <= bbox[1]), axis=-1)
 
 
-def _to_u8(rgb: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(rgb, 0., 1.) * 255.).astype(np.uint8)
-
-
 def backproject(view: DepthView, min_acc: float = 0.9, bbox: Optional[BBox] = None) -> PointCloud:
     """The surface points o + t d of the view's pixels with opacity >= `min_acc`, inside `bbox` if given."""
     keep = view.valid(min_acc)
@@ -243,7 +239,7 @@ def backproject(view: DepthView, min_acc: float = 0.9, bbox: Optional[BBox] = No
     if view.normals is not None:
         n = view.normals[keep][inside]
         normals = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
-    return PointCloud(points=points[inside], colors=_to_u8(view.rgb[keep][inside]), normals=normals)
+    return PointCloud(points=points[inside], colors=utils.to_uint8(view.rgb[keep][inside]), normals=normals)
 
 
 def voxel_downsample(cloud: PointCloud, voxel_size: float) -> PointCloud:
@@ -261,7 +257,7 @@ def voxel_downsample(cloud: PointCloud, voxel_size: float) -> PointCloud:
     if cloud.normals is not None:
         normals = mean(cloud.normals)
         normals /= np.maximum(np.linalg.norm(normals, axis=-1, keepdims=True), 1e-12)
-    return PointCloud(points=mean(cloud.points), colors=_to_u8(mean(cloud.colors.astype(np.float64)) / 255.),
+    return PointCloud(points=mean(cloud.points), colors=utils.to_uint8(mean(cloud.colors.astype(np.float64)) / 255.),
                       normals=normals)
 
 
@@ -358,7 +354,7 @@ def _view_on_device(view: DepthView, min_acc: float, device: torch.device) -> Di
     rng = view.distance * np.linalg.norm(view.directions, axis=-1)
     rng = np.where(view.valid(min_acc), rng, np.nan)
     f32 = lambda x: torch.as_tensor(np.asarray(x, np.float32), device=device)  # noqa: E731
-    return {'range': f32(rng), 'rgb': torch.as_tensor(_to_u8(view.rgb), device=device),
+    return {'range': f32(rng), 'rgb': torch.as_tensor(utils.to_uint8(view.rgb), device=device),
             'origin': f32(view.camtoworld[:3, 3]), 'pixtocam': f32(view.pixtocam), 'camtoworld': f32(view.camtoworld[:3, :4]),
             'distortion': view.distortion, 'camtype': view.camtype}
 
@@ -447,7 +443,7 @@ def mlp_colors(mlp: torch.nn.Module, vertices: np.ndarray, normals: np.ndarray, 
             if mlp.num_glo_features:
                 glo = torch.zeros(len(means), mlp.num_glo_features, device=device)
             res = mlp(None, (means[:, None], covs[:, None]), viewdirs=viewdirs, glo_vec=glo)
-            out[start:start + chunk] = _to_u8(res['rgb'][:, 0, :3].float().cpu().numpy())
+            out[start:start + chunk] = utils.to_uint8(res['rgb'][:, 0, :3].float().cpu().numpy())
     return out
 
 

@@ -177,12 +177,8 @@ def _split_linear(layer: nn.Linear, parts: List[torch.Tensor]) -> torch.Tensor:
 # Construction-time checks of the gin-bindable fields, so that a bad binding is one ConfigError naming it before
 # any work, not a ValueError deep in the first forward pass.
 
-def _at_least(lo: int) -> Tuple[str, int, None, bool, bool]:
-    return ('int', lo, None, False, False)
-
-
-_FINITE = ('float', None, None, False, False)
-_NON_NEGATIVE = ('float', 0., None, False, False)
+_at_least = configs.int_at_least
+_FINITE, _NON_NEGATIVE = configs.FINITE, configs.NON_NEGATIVE
 _MLP_RANGES = {
         'net_depth': _at_least(0), 'net_width': _at_least(1), 'bottleneck_width': _at_least(0),
         'net_depth_viewdirs': _at_least(0), 'net_width_viewdirs': _at_least(1), 'min_deg_point': _at_least(0),
@@ -198,10 +194,9 @@ _MODEL_RANGES = {
         'num_prop_samples': _at_least(2), 'num_nerf_samples': _at_least(2), 'num_levels': _at_least(1),
         'anneal_slope': _FINITE, 'dilation_multiplier': _NON_NEGATIVE, 'dilation_bias': _NON_NEGATIVE,
         'num_glo_features': _at_least(0), 'num_glo_embeddings': _at_least(1),
-        'near_anneal_init': ('float', 0., 1., False, False), 'resample_padding': _NON_NEGATIVE,
+        'near_anneal_init': configs.FRACTION, 'resample_padding': _NON_NEGATIVE,
 }
 _MODEL_CHOICES = {'ray_shape': ('cone', 'cylinder')}
-_MAX_IDE_DEG_VIEW = 5  # `ref_utils.generate_ide_fn`'s limit.
 
 
 def _maps_tensors(fn: Any) -> bool:
@@ -223,13 +218,10 @@ def _check_fields(obj: Any, owner: str, ranges: Mapping[str, tuple], choices: Ma
     for name, rng in ranges.items():
         configs.check_number(name, getattr(obj, name), *rng, owner=owner)
     for name, allowed in choices.items():
-        value = getattr(obj, name)
-        if not (isinstance(value, str) and value in allowed):
-            raise configs.ConfigError(f'{owner}.{name} = {value!r} must be one of {", ".join(map(repr, allowed))}; '
-                                      f'fix the gin file or --gin_bindings="{owner}.{name} = ...".')
+        configs.check_choice(name, getattr(obj, name), allowed, owner=owner)
     for f in dataclasses.fields(obj):
-        if f.type in (bool, 'bool') and not isinstance(getattr(obj, f.name), bool):
-            raise configs.ConfigError(f'{owner}.{f.name} = {getattr(obj, f.name)!r} must be True or False.')
+        if f.type in (bool, 'bool'):
+            configs.check_bool(f.name, getattr(obj, f.name), owner=owner)
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -338,9 +330,9 @@ class MLP(nn.Module):
         if self.use_directional_enc and not self.enable_pred_roughness:
             raise configs.ConfigError(f'{owner}.use_directional_enc (the IDE) needs a roughness: set '
                                       f'{owner}.enable_pred_roughness=True.')
-        if self.use_directional_enc and self.deg_view > _MAX_IDE_DEG_VIEW:
+        if self.use_directional_enc and self.deg_view > ref_utils.MAX_IDE_DEG_VIEW:
             raise configs.ConfigError(f'{owner}.deg_view = {self.deg_view} must be at most '
-                                      f'{_MAX_IDE_DEG_VIEW} with use_directional_enc (the IDE loses '
+                                      f'{ref_utils.MAX_IDE_DEG_VIEW} with use_directional_enc (the IDE loses '
                                       'precision beyond that).')
 
     def _dense_layer(self, name: str, in_features: int, out_features: int) -> Dense:
@@ -718,8 +710,7 @@ class Model(nn.Module):
     def _check_bindings(self) -> None:
         _check_fields(self, 'Model', _MODEL_RANGES, _MODEL_CHOICES)
         if self.near_anneal_rate is not None:
-            configs.check_number('near_anneal_rate', self.near_anneal_rate, 'float', 0., None, True, False,
-                                 owner='Model')
+            configs.check_number('near_anneal_rate', self.near_anneal_rate, *configs.POSITIVE, owner='Model')
         if not coord.raydist_fn_supported(self.raydist_fn):
             raise configs.ConfigError(f'Model.raydist_fn = {self.raydist_fn!r} must be None, '
                                       f'{coord.RAYDIST_FN_NAMES}.')
@@ -1112,9 +1103,7 @@ PRECISIONS = configs._CHOICES['precision']  # pylint: disable=protected-access
 
 
 def check_precision(precision: Optional[str]) -> None:
-    if precision is not None and precision not in PRECISIONS:
-        raise configs.ConfigError(f"Config.precision = {precision!r} is not one of {', '.join(map(repr, PRECISIONS))} "
-                                  "or None; set it to one of those (None: TF32 on CUDA, float32 on CPU).")
+    configs.check_choice('precision', precision, PRECISIONS, none_ok=True)  # None: TF32 on CUDA, else float32.
 
 
 def resolve_precision(precision: Optional[str], device: Union[str, torch.device]) -> str:
@@ -1148,15 +1137,11 @@ def compile_model(model: Model, mode: Optional[str], **compile_kwargs: Any) -> M
     unchanged (state_dicts and checkpoints are those of the plain model). `compile_kwargs` go to
     `torch.compile` (e.g. backend='aot_eager', mode='max-autotune').
     """
-    if mode is None or mode == 'none':
-        return model
+    configs.check_choice('compile', mode, COMPILE_MODES, none_ok=True)
     if mode == 'model':
         model.render_rays = torch.compile(model.render_rays, **compile_kwargs)
     elif mode == 'mlp':
         for mlp in (model.nerf_mlp, model.prop_mlp):
             if mlp is not None:
                 mlp.evaluate = torch.compile(mlp.evaluate, **compile_kwargs)
-    else:
-        raise configs.ConfigError(f"Config.compile = {mode!r} is not one of {', '.join(map(repr, COMPILE_MODES))}; "
-                                  "set Config.compile = 'none', 'mlp' or 'model'.")
     return model

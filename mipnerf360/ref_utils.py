@@ -19,6 +19,8 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+MAX_IDE_DEG_VIEW = 5  # The largest `deg_view` of `generate_ide_fn`: its coefficients lose precision beyond.
+
 
 def reflect(viewdirs: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     """Reflects directions about unit normals: ``u = 2 (n·v) n - v`` (Ref-NeRF Eq. 4).
@@ -129,7 +131,7 @@ def generate_ide_fn(deg_view: int) -> Callable[[torch.Tensor, torch.Tensor], tor
     """Builds the integrated directional encoding of Ref-NeRF (Eqs. 6-8).
 
     Args:
-        deg_view: number of degrees ``l = 1, 2, 4, ..., 2^(deg_view - 1)``; at most 5.
+        deg_view: number of degrees ``l = 1, 2, 4, ..., 2^(deg_view - 1)``; at most ``MAX_IDE_DEG_VIEW`` (5).
 
     Returns:
         ``fn(xyz, kappa_inv)`` with ``xyz`` [..., 3] unit directions and ``kappa_inv`` [..., 1] the reciprocal
@@ -137,10 +139,11 @@ def generate_ide_fn(deg_view: int) -> Callable[[torch.Tensor, torch.Tensor], tor
         parts), n = ``get_ml_array(deg_view).shape[1]``.
 
     Raises:
-        ValueError: if ``deg_view > 5`` (the polynomial coefficients lose precision beyond that).
+        ValueError: if ``deg_view > MAX_IDE_DEG_VIEW`` (the polynomial coefficients lose precision beyond that).
     """
-    if deg_view > 5:
-        raise ValueError(f'deg_view must be at most 5 for a numerically stable encoding, got {deg_view}.')
+    if deg_view > MAX_IDE_DEG_VIEW:
+        raise ValueError(f'deg_view must be at most {MAX_IDE_DEG_VIEW} for a numerically stable encoding, got '
+                         f'{deg_view}.')
 
     ml_array = get_ml_array(deg_view)
     l_max = 2 ** (deg_view - 1)

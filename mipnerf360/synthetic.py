@@ -35,6 +35,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from mipnerf360 import utils
+
 # ---------------------------------------------------------------------------------------------------------------
 # Scene description.
 
@@ -353,10 +355,6 @@ def render_view(camtoworld: np.ndarray, pixtocam: np.ndarray, width: int, height
 # Writers.
 
 
-def _to_u8(img: np.ndarray) -> np.ndarray:
-    return (np.clip(img, 0., 1.) * 255.).round().astype(np.uint8)
-
-
 def downsampled_size(width: int, height: int, factor: int) -> Tuple[int, int]:
     """Size of the `images_{factor}` copy: rounded half up, as in the official mip-NeRF 360 folders."""
     return int(np.floor(width / factor + 0.5)), int(np.floor(height / factor + 0.5))
@@ -461,7 +459,7 @@ def write_colmap_scene(out_dir: str, n_views: int = 24, width: int = 64, height:
             rgb = render_view(poses[i], np.linalg.inv(K), w, h, supersample=supersample, distortion=dist_i)
         else:
             rgb = render_fn(i, poses[i], np.linalg.inv(K), w, h, dist_i)
-        u8 = _to_u8(rgb)
+        u8 = utils.to_uint8(rgb)
         Image.fromarray(u8).save(os.path.join(img_dir, names[i]))
         for f in factors:
             small = Image.fromarray(u8).resize(downsampled_size(w, h, f), Image.BOX)
@@ -540,7 +538,7 @@ def _write_blender_splits(out_dir: str, split_sizes: Dict[str, int], width: int,
             c2w = look_at(pos[i], target=np.zeros(3))
             fname = f'{split}/r_{i}'
             rgba = render_rgba(split, i, c2w, pixtocam, os.path.join(out_dir, fname))
-            Image.fromarray(_to_u8(rgba), 'RGBA').save(os.path.join(out_dir, fname + '.png'))
+            Image.fromarray(utils.to_uint8(rgba), 'RGBA').save(os.path.join(out_dir, fname + '.png'))
             frames.append({'file_path': './' + fname, 'rotation': 0.0,
                            'transform_matrix': np.concatenate([c2w, [[0, 0, 0, 1.]]]).tolist()})
         meta = {'camera_angle_x': camera_angle_x, 'frames': frames}
@@ -593,7 +591,7 @@ def depth_bounds(camtoworld: np.ndarray, pixtocam: np.ndarray, width: int, heigh
 
 
 def _save_rgb(img: np.ndarray, path: str):
-    im = Image.fromarray(_to_u8(img))
+    im = Image.fromarray(utils.to_uint8(img))
     if path.lower().endswith(('.jpg', '.jpeg')):
         im.save(path, quality=95)
     else:
@@ -755,7 +753,7 @@ def write_llff_scene(out_dir: str, n_views: int = 12, width: int = 48, height: i
     for i in range(n_views):
         name = f'view_{i:03d}.{image_ext}'
         rgb = render_view(poses[i], np.linalg.inv(K), width, height, supersample=supersample)
-        u8 = _to_u8(rgb)
+        u8 = utils.to_uint8(rgb)
         Image.fromarray(u8).save(os.path.join(out_dir, 'images', name))
         for f in factors:
             Image.fromarray(u8).resize(downsampled_size(width, height, f), Image.BOX).save(
@@ -857,7 +855,7 @@ def normals_to_png(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """uint8 RGBA `[H, W, 4]` of unit normals `[H, W, 3]` as the shiny-Blender normal maps store them:
     rgb = (n + 1) / 2, alpha = `mask`. The loaders decode rgb * 2 / 255 - 1."""
     rgba = np.concatenate([(normals + 1.) / 2., mask[..., None].astype(np.float64)], -1)
-    return _to_u8(rgba)
+    return utils.to_uint8(rgba)
 
 
 @dataclasses.dataclass

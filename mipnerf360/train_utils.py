@@ -319,13 +319,17 @@ class TrainState:
 
     def load_state_dict(self, state: Mapping[str, Any]):
         """Restores a dict written by `state_dict` (torch's errors propagate for a mismatched model)."""
-        base = _unwrap(self.model)
-        base.load_state_dict(state['model'])
+        _unwrap(self.model).load_state_dict(state['model'])
+        self.load_training_state(state)
+
+    def load_training_state(self, state: Mapping[str, Any]):
+        """Restores all but the model's weights from a dict written by `state_dict`: the Adam state, step, seed
+        and RobustNeRF's threshold (torch's errors propagate for an optimizer of another model)."""
         self.optimizer.load_state_dict(state['optimizer'])
         self.step = int(state['step'])
         self.seed = int(state.get('seed', self.seed))
         if state.get('robustnerf_loss_threshold') is not None:
-            device = next(base.parameters()).device
+            device = next(_unwrap(self.model).parameters()).device
             self.loss_threshold = torch.as_tensor(state['robustnerf_loss_threshold'], device=device)
 
 

@@ -200,9 +200,19 @@ def save_text(pth: str, text: str):
     _atomic_save(pth, save)
 
 
+def to_uint8(img: Any) -> np.ndarray:
+    """The 8-bit image of `img` (values in [0, 1]): round-to-nearest of clip(nan_to_num(img), 0, 1) * 255, computed
+    in the image's own float precision. The one conversion used for PNGs, videos, exports, the viewer and eval's
+    quantised metrics, so a saved PNG is exactly the image the metrics were computed on."""
+    img = np.asarray(img)
+    if img.dtype.kind != 'f':
+        img = img.astype(np.float64)
+    return np.round(np.clip(np.nan_to_num(img), 0., 1.) * 255.).astype(np.uint8)
+
+
 def save_img_u8(img: np.ndarray, pth: str):
-    """Saves an image in [0, 1] as an 8-bit PNG (written atomically)."""
-    arr = (np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0., 1.) * 255.).round().astype(np.uint8)
+    """Saves an image in [0, 1] as an 8-bit PNG (`to_uint8`; written atomically)."""
+    arr = to_uint8(img)
     _atomic_save(pth, lambda p: Image.fromarray(arr).save(p, 'PNG'))
 
 

@@ -111,7 +111,7 @@ def to_display(rendering: Dict[str, Any], mode: str) -> np.ndarray:
                                  curve_fn=lambda x: -np.log(x + np.finfo(np.float32).eps))
     else:
         img = np.repeat(acc[..., None], 3, -1)
-    return (np.clip(img[..., :3], 0, 1) * 255 + .5).astype(np.uint8)
+    return utils.to_uint8(img[..., :3])
 
 
 # -- The viewer. ----------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def _thumbnail(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img)
     step = max(1, int(np.ceil(max(img.shape[:2]) / THUMBNAIL_SIZE)))
     img = img[::step, ::step, :3]
-    return img if img.dtype == np.uint8 else (np.clip(img, 0, 1) * 255 + .5).astype(np.uint8)
+    return img if img.dtype == np.uint8 else utils.to_uint8(img)
 
 
 class Viewer:

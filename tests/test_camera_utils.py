@@ -329,6 +329,56 @@ def test_ray_casting_has_no_host_sync(case):
         np.testing.assert_allclose(b.numpy(), a, atol=2e-5, rtol=1e-5)
 
 
+def test_calls_with_placed_tensors_skip_the_conversion_with_the_same_values(monkeypatch):
+    """Tensors on one device with one float dtype (the training / render case, and the functions' calls of each
+    other) bypass the argument conversion (no `Signature.bind`) and give exactly what the converting path gives;
+    a call that needs a cast (a float64 distortion parameter for float32 cameras) still gets it."""
+    rng = np.random.default_rng(18)
+    poses, K, idx, px, py = _ray_batch(rng, n_cams=3, n_rays=64)
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    pixtocams, c2w = f32(np.linalg.inv(K)), f32(poses)
+    opencv = dict(k1=f32(rng.uniform(-.1, .1, 64)), k2=.02, p1=f32(.001), p2=-.001)
+    binds = []
+    real_bind = inspect.Signature.bind
+    monkeypatch.setattr(inspect.Signature, 'bind', lambda self, *a, **k: binds.append(1) or real_bind(self, *a, **k))
+
+    def both(fn, *args, numpy_arg: int, **kwargs):
+        """fn(*args) with tensors only, then with args[numpy_arg] as a numpy array; returns both and the binds."""
+        binds.clear()
+        fast = fn(*args, **kwargs)
+        fast_binds = len(binds)
+        args = list(args)
+        args[numpy_arg] = args[numpy_arg].numpy()
+        slow = fn(*args, **kwargs)
+        return utils.tree_leaves(fast), utils.tree_leaves(slow), fast_binds, len(binds) - fast_binds
+
+    tx, ty = torch.as_tensor(px), torch.as_tensor(py)
+    cases = {
+        'opencv': both(cu.pixels_to_rays, tx, ty, pixtocams[idx], c2w[idx], distortion_params=opencv, numpy_arg=0,
+                       xnp=torch),
+        'fisheye': both(cu.pixels_to_rays, tx, ty, pixtocams[0], c2w[0], numpy_arg=0, xnp=torch,
+                        distortion_params=dict(k1=f32(.05), k2=-.01), camtype=PT.FISHEYE),
+        'cast_ray_batch': both(lambda pixtocams, px: cu.cast_ray_batch(
+            (pixtocams, c2w, {'k1': f32([-.1, 0., .08]), 'p1': .001}, None),
+            dataclasses.replace(_pixels(px, py, idx, torch), pix_x_int=px), xnp=torch),
+            pixtocams, tx, numpy_arg=1),
+        'ndc': both(cu.convert_to_ndc, c2w[idx, :, 3], -f32(poses[idx, :, 2]), f32(cu.get_pixtocam(400., 500, 400)),
+                    numpy_arg=0, xnp=torch),
+    }
+    for case, (fast, slow, fast_binds, slow_binds) in cases.items():
+        assert fast_binds == 0 and slow_binds >= 1, (case, fast_binds, slow_binds)
+        assert len(fast) == len(slow) >= 2
+        for a, b in zip(fast, slow):
+            assert isinstance(a, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), case
+    # A float64 parameter among float32 cameras is cast (the converting path), as before.
+    binds.clear()
+    mixed = cu.pixels_to_rays(tx, ty, pixtocams[idx], c2w[idx], distortion_params=dict(opencv, k2=torch.tensor(
+        .02, dtype=torch.float64)), xnp=torch)
+    assert binds and all(a.dtype == torch.float32 for a in mixed)
+    for a, b in zip(mixed, cases['opencv'][0]):
+        assert torch.equal(a, b)
+
+
 def test_numpy_calls_return_numpy_in_the_input_precision():
     rng = np.random.default_rng(17)
     poses, K, idx, px, py = _ray_batch(rng, n_cams=3, n_rays=50)

@@ -170,6 +170,25 @@ def test_end_to_end_quality_and_outputs(workdir, trained):
     assert len((preds / f'render_times_{TRAIN_STEPS}.txt').read_text().split()) == len(test_idx)
 
 
+def test_eval_pngs_give_the_psnr_in_metrics_json(workdir, trained):
+    """Each color_XXX.png eval wrote, read back, is the 8-bit image its metrics were computed on: its PSNR against
+    the ground truth as eval holds it (uint8 / 255 in float32) is metrics.json's to 1e-9 dB (one pixel one level
+    off would move it by ~3e-6 dB)."""
+    from mipnerf360 import image
+    ckpt, _ = trained
+    with open(ckpt / 'test_preds' / 'metrics.json') as f:
+        per_image = json.load(f)['per_image']['psnr']
+    scene = workdir / 'scene' / 'images_2'
+    names = sorted(os.listdir(scene))
+    test_names = [n for i, n in enumerate(names) if i % 8 == 0]
+    assert len(test_names) == len(per_image)
+    harness = image.MetricHarness(compute_lpips=False)
+    for k, name in enumerate(test_names):
+        gt = (utils.load_img(str(scene / name))[..., :3] / np.float32(255)).astype(np.float64)
+        png = utils.load_img(str(ckpt / 'test_preds' / f'color_{k:03d}.png'))[..., :3].astype(np.float64) / 255
+        assert abs(harness(png, gt)['psnr'] - per_image[k]) < 1e-9, (k, harness(png, gt)['psnr'], per_image[k])
+
+
 def test_render_writes_h264_videos(trained):
     import imageio_ffmpeg
     ckpt, out = trained
@@ -265,6 +284,42 @@ def test_resume_is_exact(workdir):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(b_opt['state'][pid][name])), (pid, name)
     # The resumed steps did train (so the comparison is not between untouched weights).
     assert any(not torch.equal(mid_model[k], b_model[k]) for k in b_model)
+
+
+def test_train_holds_the_process_group_for_the_whole_run(workdir, monkeypatch):
+    """train runs every step inside `common.distributed_group` (as eval and render do), and leaves it also when a
+    step fails."""
+    import contextlib
+    from mipnerf360 import train_utils
+    from mipnerf360.cli import common, train
+    events = []
+
+    @contextlib.contextmanager
+    def group(world_size, device):
+        events.append(('enter', world_size, device.type))
+        try:
+            yield
+        finally:
+            events.append(('exit',))
+
+    real_step = train_utils.train_step
+
+    def step(state, *args, **kwargs):
+        events.append(('step', state.step))
+        if fail and state.step == 0:
+            raise RuntimeError('step failed')
+        return real_step(state, *args, **kwargs)
+
+    monkeypatch.setattr(common, 'distributed_group', group)
+    monkeypatch.setattr(train_utils, 'train_step', step)
+    for fail in (False, True):
+        events.clear()
+        ckpt = workdir / f'group_ckpt_{fail}'
+        code = _in_process(train, _flags(str(workdir / 'tiny.gin'), str(workdir / 'scene'), ckpt,
+                                         'Config.max_steps = 2', "Config.device = 'cpu'"))
+        assert code == (common.EXIT_BUG if fail else 0)
+        steps = [('step', 0)] if fail else [('step', 0), ('step', 1)]
+        assert events == [('enter', 1, 'cpu')] + steps + [('exit',)], events
 
 
 def test_train_passes_dataset_camtype(workdir, monkeypatch):

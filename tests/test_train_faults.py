@@ -147,6 +147,49 @@ def test_restore_model_refuses_non_finite_weights(tmp_path):
     assert common.restore_model(_tiny_model(), config, torch.device('cpu'), path=good) == 1
 
 
+def test_resume_loads_the_weights_once_and_names_bad_checkpoints(tmp_path, monkeypatch):
+    """restore_model with a train state: the checkpoint's weights, Adam state and step, the weights loaded once;
+    a checkpoint of another model, without optimizer state, or with another model's optimizer state is refused
+    with its own message."""
+    config = _config(checkpoint_dir=str(tmp_path))
+    trained = _run(config, '..')
+    path = checkpoints.save_checkpoint(str(tmp_path), trained.state_dict(), 2, keep=0)
+    model = _tiny_model()
+    with torch.no_grad():  # Not `trained.model`'s weights.
+        for p in model.parameters():
+            p.add_(1.)
+    loads = []
+    real_load = type(model).load_state_dict
+    monkeypatch.setattr(type(model), 'load_state_dict', lambda m, *a, **k: loads.append(1) or real_load(m, *a, **k))
+    state = train_utils.create_train_state(config, model)
+    assert common.restore_model(model, config, torch.device('cpu'), train_state=state, path=path) == 2
+    assert len(loads) == 1 and state.step == 2
+    for k, v in trained.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    for pid, moments in trained.optimizer.state_dict()['state'].items():
+        for name, v in moments.items():
+            assert torch.equal(torch.as_tensor(state.optimizer.state_dict()['state'][pid][name]),
+                               torch.as_tensor(v)), (pid, name)
+    monkeypatch.undo()
+
+    def refused(model, saved):
+        bad = checkpoints.save_checkpoint(str(tmp_path / 'bad'), saved, 1, keep=0)
+        with pytest.raises(checkpoints.CheckpointError) as e:
+            common.restore_model(model, config, torch.device('cpu'), path=bad,
+                                 train_state=train_utils.create_train_state(config, model))
+        assert bad in str(e.value)
+        return str(e.value)
+
+    other = _tiny_model(prop_mlp_params=dict(net_depth=2, net_width=16, max_deg_point=3, basis_shape='octahedron',
+                                             basis_subdivisions=1, disable_rgb=True))
+    assert 'does not match this model' in refused(other, trained.state_dict())
+    no_adam = {k: v for k, v in trained.state_dict().items() if k != 'optimizer'}
+    assert 'has no optimizer state' in refused(_tiny_model(), no_adam)
+    foreign = dict(trained.state_dict(), optimizer=train_utils.create_train_state(config, other).optimizer
+                   .state_dict())
+    assert 'optimizer state for another model' in refused(_tiny_model(), foreign)
+
+
 def test_diverging_run_stops_with_one_line_and_keeps_good_checkpoints(tmp_path):
     from test_cli import REPO, TINY_GIN, _env, _flags
     from mipnerf360 import synthetic

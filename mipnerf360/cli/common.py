@@ -348,8 +348,10 @@ def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.
                   required: bool = True, path: Optional[str] = None,
                   train_state=None) -> int:
     """Loads the newest checkpoint (or `path`) into `model`, and into the whole `train_state` when given (a
-    `train_utils.TrainState`: model, Adam state, step, seed, RobustNeRF's loss threshold); returns its step
+    `train_utils.TrainState` of `model`: Adam state, step, seed, RobustNeRF's loss threshold); returns its step
     (0 when there is none and it is not `required`)."""
+    if train_state is not None and getattr(train_state.model, 'module', train_state.model) is not model:
+        raise ValueError('restore_model: train_state must be the TrainState of `model`.')
     keys_finite = ('model', 'optimizer') if train_state is not None else ('model',)
     if path is None and config.resume_fallback and checkpoints.list_checkpoints(config.checkpoint_dir):
         path, state, passed_over = checkpoints.load_newest_intact(config.checkpoint_dir, device, keys_finite)
@@ -377,7 +379,7 @@ def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.
             raise checkpoints.CheckpointError(f'Checkpoint {path} has no optimizer state, so training cannot '
                                               'resume from it; train into a new Config.checkpoint_dir.')
         try:
-            train_state.load_state_dict(state)
+            train_state.load_training_state(state)  # The weights are in already.
         except (ValueError, KeyError) as e:
             raise checkpoints.CheckpointError(
                 f'Checkpoint {path} holds optimizer state for another model ({one_line(e)}); use the gin configs '

@@ -64,6 +64,14 @@ def _gather(obj, world_size: int):
     return out
 
 
+def _quantize_8bit(img: np.ndarray) -> np.ndarray:
+    """`img` as the 8-bit PNG eval writes of it (`utils.to_uint8`), back in [0, 1] at its precision; NaN stays
+    NaN, so a diverged render still gives non-finite metrics."""
+    out = utils.to_uint8(img).astype(img.dtype) / 255
+    out[np.isnan(img)] = np.nan
+    return out
+
+
 def _image_metrics(config, rendering, batch, metric_harness, cc_fun, postprocess_fn):
     """PSNR / SSIM (and disparity / normal errors where the data has them) of one rendered test image, plain and
     colour-corrected; adds 'rgb_cc' to `rendering`."""
@@ -73,9 +81,7 @@ def _image_metrics(config, rendering, batch, metric_harness, cc_fun, postprocess
     rgb, rgb_cc, rgb_gt = (postprocess_fn(rendering['rgb']), postprocess_fn(rendering['rgb_cc']),
                            postprocess_fn(gt_rgb))
     if config.eval_quantize_metrics:
-        # Metrics on exactly the 8-bit images written to disk.
-        rgb = np.round(np.clip(rgb, 0, 1) * 255) / 255
-        rgb_cc = np.round(np.clip(rgb_cc, 0, 1) * 255) / 255
+        rgb, rgb_cc = _quantize_8bit(rgb), _quantize_8bit(rgb_cc)
     if config.eval_crop_borders > 0:
         c = config.eval_crop_borders
         rgb, rgb_cc, rgb_gt = rgb[c:-c, c:-c], rgb_cc[c:-c, c:-c], rgb_gt[c:-c, c:-c]

@@ -99,7 +99,7 @@ def create_videos(config, base_dir: str, out_dir: str, out_name: str, num_frames
                     img = vis.colormap_turbo(img)
                 if img.ndim == 2:
                     img = np.repeat(img[..., None], 3, axis=-1)
-                yield (np.clip(np.nan_to_num(img[..., :3]), 0., 1.) * 255.).astype(np.uint8)
+                yield utils.to_uint8(img[..., :3])
 
         video_file = os.path.join(base_dir, f'{prefix}_{k}.mp4')
         log(f'Making video {video_file}')

@@ -172,8 +172,8 @@ class _Logger:
 
 
 def _setup(config: configs.Config, rank: int, world_size: int, local_rank: int) -> _Run:
-    """Datasets, model, train state (restored from the newest checkpoint), DDP. Everything is built and
-    restored before anything is written, so a bad checkpoint or dataset loses nothing."""
+    """Datasets, model, train state (restored from the newest checkpoint). Everything is built and restored
+    before anything is written, so a bad checkpoint or dataset loses nothing."""
     device = common.get_device(config, local_rank)
     if world_size > 1 and config.batch_size % world_size:
         raise configs.ConfigError(f'Config.batch_size = {config.batch_size} must be divisible by the number of '
@@ -193,12 +193,6 @@ def _setup(config: configs.Config, rank: int, world_size: int, local_rank: int) 
 
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-    if world_size > 1:
-        import torch.distributed as dist
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-        # Broadcasts rank 0's parameters, so every rank starts from the same (restored) weights.
-        state.model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
     return _Run(config=config, device=device, rank=rank, world_size=world_size, dataset=dataset,
                 test_dataset=test_dataset, state=state, base_model=model, cameras=dataset.cameras, init_step=last_step + 1,
                 num_steps=config.early_exit_steps if config.early_exit_steps is not None else config.max_steps,
@@ -303,6 +297,22 @@ def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, 
     if config.viewer_port is not None and rank == 0:
         viewer.import_viser()  # A missing viser is reported before anything slow starts.
     run = _setup(config, rank, world_size, local_rank)
+    try:
+        with common.distributed_group(world_size, run.device):
+            if world_size > 1:
+                # Broadcasts rank 0's parameters, so every rank starts from the same (restored) weights.
+                run.state.model = torch.nn.parallel.DistributedDataParallel(
+                    run.base_model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+            _log_and_loop(run, lock_message)
+    finally:
+        run.dataset.close()
+        if run.test_dataset is not None:
+            run.test_dataset.close()
+
+
+def _log_and_loop(run: _Run, lock_message: Optional[str]):
+    """The logger, the signal handlers and the viewer around the training loop."""
+    config, world_size = run.config, run.world_size
     log = _Logger(run)
     if lock_message:
         log(lock_message)
@@ -330,12 +340,6 @@ def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, 
         if run.viewer is not None:
             run.viewer.close()
         stopper.uninstall()
-        run.dataset.close()
-        if run.test_dataset is not None:
-            run.test_dataset.close()
-        if world_size > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
 
 
 def _render_test_view(model, test_dataset, config, writer, metric_harness, train_frac, step, log):
