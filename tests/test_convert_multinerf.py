@@ -9,6 +9,9 @@ and the reference eval's per-image PSNR / SSIM; README_multinerf_checkpoint.md s
   reference's eval PSNR within 0.02 dB (and SSIM);
 - training resumes from the converted checkpoint with the converted Adam moments;
 - user errors (missing path, foreign file, wrong config, orbax folder, non-empty output) are one clear line.
+multinerf_360_glo_tree.json is the tree (paths, shapes, dtypes) of a checkpoint that multinerf wrote for the full
+configs/360.gin model with GLO: a checkpoint of that tree, filled with distinct random values, converts for our
+360 + GLO model with every value (parameters and Adam moments) in its place.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, 'tests', 'data', 'multinerf_tiny')
 GIN = os.path.join(REPO, 'tests', 'data', 'multinerf_tiny.gin')
 CKPT = os.path.join(DATA, 'checkpoint_400')
+TREE_360_GLO = os.path.join(REPO, 'tests', 'data', 'multinerf_360_glo_tree.json')
+
+
+def _flax_array(a: np.ndarray) -> msgpack.ExtType:
+    """`a` as flax's msgpack writes an array: extension type 1 holding msgpack (shape, dtype name, bytes)."""
+    return msgpack.ExtType(1, msgpack.packb((a.shape, a.dtype.name, a.tobytes()), use_bin_type=True))
 
 
 def _config(*bindings):
@@ -190,6 +199,67 @@ def test_training_resumes_from_converted_checkpoint(tmp_path, converted):
     assert not torch.equal(optimizer.state[params[0]]['exp_avg'], before[0])
 
 
+def _checkpoint_of_tree(tree_json: str, path: str, step: int) -> dict:
+    """Writes a flax msgpack checkpoint with exactly the leaves of `tree_json` (in its order), each array distinct
+    random values (non-negative for Adam's nu) and each int32 scalar `step`; returns {leaf path: value}."""
+    rng = np.random.default_rng(0)
+    tree, values = {}, {}
+    for leaf, shape, dtype in json.load(open(tree_json))['leaves']:
+        if dtype == 'int32':
+            value = np.array(step, dtype=np.int32).reshape(shape)
+        else:
+            value = rng.standard_normal(shape, dtype=np.dtype(dtype))
+            value = np.abs(value) if '/nu/' in leaf else value
+        node = tree
+        *parents, key = leaf.split('/')
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = _flax_array(value)
+        values[leaf] = value
+    with open(path, 'wb') as f:
+        f.write(msgpack.packb(tree, use_bin_type=True))
+    return values
+
+
+def test_360_glo_checkpoint_tree_lands_in_our_model(tmp_path):
+    values = _checkpoint_of_tree(TREE_360_GLO, str(tmp_path / 'checkpoint_7'), 7)
+    gin.clear_config()
+    config = configs.load_config(save_config=False, gin_configs=[os.path.join(REPO, 'configs', '360.gin')],
+                                 gin_bindings=['Model.num_glo_features = 4'])
+    state, _ = convert_multinerf.convert(str(tmp_path), config)
+    model = models.construct_model(config=config, seed=1)
+    model.load_state_dict(state['model'], strict=True)
+    optimizer, _ = train_utils.create_optimizer(config, model)
+    optimizer.load_state_dict(state['optimizer'])
+
+    # The layer order the reference's flax module creates (checked against JAX's forward pass on a converted
+    # 360 + GLO checkpoint): trunk, density, bottleneck, view layer, rgb; the PropMLP has no colour branch.
+    expected = {f'nerf_mlp.trunk.{i}': f'NerfMLP_0/Dense_{i}' for i in range(8)}
+    expected.update({'nerf_mlp.density_layer': 'NerfMLP_0/Dense_8', 'nerf_mlp.bottleneck_layer': 'NerfMLP_0/Dense_9',
+                     'nerf_mlp.viewdir_layers.0': 'NerfMLP_0/Dense_10', 'nerf_mlp.rgb_layer': 'NerfMLP_0/Dense_11',
+                     'prop_mlp.density_layer': 'PropMLP_0/Dense_4'})
+    expected.update({f'prop_mlp.trunk.{i}': f'PropMLP_0/Dense_{i}' for i in range(4)})
+    expected = {f'{ours}.{t}': f'{ref}/{r}' for ours, ref in expected.items()
+                for t, r in (('weight', 'kernel'), ('bias', 'bias'))}
+    expected['glo_vecs.weight'] = 'Embed_0/embedding'
+    names = models.reference_param_names(model)
+    assert names == expected
+    assert {f'params/params/{ref}' for ref in names.values()} == {k for k in values if k.startswith('params/')}
+    assert sum(p.numel() for p in model.parameters()) == 9_012_005  # 9,007,493 + GLO: 1000 x 4 + 4 x 128.
+
+    for name, p in model.named_parameters():
+        ref = names[name]
+        tr = (lambda a: a.T) if ref.endswith('/kernel') else (lambda a: a)
+        np.testing.assert_array_equal(p.detach().numpy(), tr(values[f'params/params/{ref}']), err_msg=name)
+        moments = optimizer.state[p]
+        np.testing.assert_array_equal(moments['exp_avg'].numpy(), tr(values[f'opt_state/0/mu/params/{ref}']),
+                                      err_msg=name)
+        np.testing.assert_array_equal(moments['exp_avg_sq'].numpy(), tr(values[f'opt_state/0/nu/params/{ref}']),
+                                      err_msg=name)
+        assert float(moments['step']) == 7
+    assert state['step'] == 7
+
+
 def test_newest_checkpoint_and_orbax_aggregate(tmp_path, tree):
     run = tmp_path / 'run'
     run.mkdir()
@@ -207,10 +277,10 @@ def test_newest_checkpoint_and_orbax_aggregate(tmp_path, tree):
 def test_chunked_and_bfloat16_arrays_decode():
     values = np.arange(6, dtype=np.float32).reshape(2, 3)
     bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)  # Exact in bfloat16: small integers.
-    ext = lambda a, name: msgpack.ExtType(1, msgpack.packb((a.shape, name, a.tobytes()), use_bin_type=True))
+    bf16_ext = msgpack.ExtType(1, msgpack.packb((bf16.shape, 'bfloat16', bf16.tobytes()), use_bin_type=True))
     chunked = {'__msgpack_chunked_array__': True, 'shape': {'0': 2, '1': 3},
-               'chunks': {'0': ext(values.reshape(-1)[:4], 'float32'), '1': ext(values.reshape(-1)[4:], 'float32')}}
-    raw = msgpack.packb({'params': {'a': chunked, 'b': ext(bf16, 'bfloat16')}, 'step': 3}, use_bin_type=True)
+               'chunks': {'0': _flax_array(values.reshape(-1)[:4]), '1': _flax_array(values.reshape(-1)[4:])}}
+    raw = msgpack.packb({'params': {'a': chunked, 'b': bf16_ext}, 'step': 3}, use_bin_type=True)
     tree = msgpack.unpackb(raw, ext_hook=convert_multinerf._ext_hook, raw=False)  # pylint: disable=protected-access
     tree = convert_multinerf._unchunk(tree)  # pylint: disable=protected-access
     np.testing.assert_array_equal(tree['params']['a'], values)
