@@ -128,19 +128,21 @@ def _step_command(module: str, flags: Sequence[str]) -> List[str]:
 
 
 def _wait_for_step(proc: subprocess.Popen, module: str) -> int:
-    """The step's exit status, waiting for it also when photos is interrupted. A terminal's Ctrl-C reaches the
-    step too (one process group): train finishes its step, saves a checkpoint and exits, and a second Ctrl-C
-    stops it at once; a SIGTERM sent to photos is passed on. Raises StepStopped once the step has exited."""
+    """The step's exit status, waiting for it also when photos is interrupted. The step runs in its own session
+    (`_start_step`), so a terminal's Ctrl-C reaches photos only and photos passes every SIGINT / SIGTERM on:
+    the step gets each signal exactly once, whether it was sent to photos or to its process group (train
+    finishes its step, saves a checkpoint and exits; a second Ctrl-C stops it at once). A hang-up (the terminal
+    closed), which the step's own session would not see, is passed on as SIGTERM. Raises StepStopped once the
+    step has exited."""
     received: List[int] = []
 
     def on_signal(signum, frame):  # pylint: disable=unused-argument
         received.append(signum)
-        if signum == signal.SIGTERM:
-            proc.send_signal(signum)
+        proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     previous = {}
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous[sig] = signal.signal(sig, on_signal)
     except ValueError:  # Not the main thread: signals stay with the caller.
         pass
@@ -154,11 +156,15 @@ def _wait_for_step(proc: subprocess.Popen, module: str) -> int:
     return returncode
 
 
+def _start_step(cmd: Sequence[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+
+
 def _run_step(title: str, module: str, flags: Sequence[str]):
     cmd = _step_command(module, flags)
     print(f'\n== {title}\n$ ' + ' '.join(_shell_word(c) for c in ['python'] + cmd[1:]), flush=True)
     t0 = time.time()
-    returncode = _wait_for_step(subprocess.Popen(cmd, cwd=REPO), module)
+    returncode = _wait_for_step(_start_step(cmd), module)
     if returncode != 0:
         raise PhotosError(f'`python -m {module}` failed (exit {returncode}); see its output above. Fix what '
                           'it says and run this command again (training resumes from the last checkpoint).')

@@ -2,7 +2,7 @@
 (train saves a checkpoint on a first Ctrl-C or a SIGTERM), never leaves it running, and exits with one line.
 
 The step is a stand-in for train (a child that, on its first signal, takes a second to "save" and then records
-what it got), on a tiny generated scene whose poses photos keeps, so each case runs in a few seconds.
+what it got: the signal and how many it received), on a tiny generated scene whose poses photos keeps, so each case runs in a few seconds.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ sys.exit(photos.main([scene, '--out', out]))
 '''
 
 
-@pytest.mark.parametrize('sig,to_group', [(signal.SIGINT, True), (signal.SIGTERM, False)])
+@pytest.mark.parametrize('sig,to_group', [(signal.SIGINT, True), (signal.SIGINT, False), (signal.SIGTERM, False),
+                                        (signal.SIGHUP, False)])
 def test_signal_waits_for_the_step_and_exits_with_one_line(tmp_path, sig, to_group):
-    """SIGINT goes to the whole process group (as a terminal's Ctrl-C), SIGTERM to photos alone."""
+    """A signal to the whole process group (as a terminal's Ctrl-C) or to photos alone (`kill`)."""
     scene = tmp_path / 'scene'
     synthetic.write_colmap_scene(str(scene), n_views=3, width=32, height=24, factors=(2,), seed=0,
                                  write_points=False)
@@ -74,6 +75,7 @@ def test_signal_waits_for_the_step_and_exits_with_one_line(tmp_path, sig, to_gro
                 pass
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert proc.returncode == 128 + sig, stderr
-    assert step_finished and marker.read_text() == f'{signal.Signals(sig).name} 1'  # Once, and not killed.
+    passed_on = signal.SIGTERM if sig == signal.SIGHUP else sig  # The step has no terminal to hang up.
+    assert step_finished and marker.read_text() == f'{signal.Signals(passed_on).name} 1'  # Once, not killed.
     assert len(lines) == 1 and lines[0].startswith(f'Stopped ({signal.Signals(sig).name}) during `python -m '
                                                    'train`, which exited with status 0'), stderr
