@@ -251,15 +251,20 @@ _RANGES: Dict[str, Tuple[str, Optional[float], Optional[float], bool, bool]] = {
         'viewer_port': ('int', 1, 65535, False, False), 'viewer_max_resolution': _AT_LEAST_1,
         'viewer_refresh_seconds': NON_NEGATIVE,
 }
+# The values of the choice fields that other modules check too (models, train_utils).
+DATA_LOSS_TYPES = ('mse', 'charb', 'rawnerf', 'robustnerf')
+COMPILE_MODES = ('none', 'mlp', 'model')
+PRECISIONS = ('fp32', 'tf32', 'bf16')
+NAN_POLICIES = ('stop', 'skip_step')
 # Fields whose value must be one of a fixed set of strings (None allowed where the default is None).
 _CHOICES: Dict[str, Tuple[str, ...]] = {
         'batching': ('all_images', 'single_image'),
-        'data_loss_type': ('mse', 'charb', 'rawnerf', 'robustnerf'),
+        'data_loss_type': DATA_LOSS_TYPES,
         'orientation_loss_target': ('normals', 'normals_pred'),
         'render_camtype': ('perspective', 'fisheye', 'pano'),
-        'compile': ('none', 'mlp', 'model'),
-        'precision': ('fp32', 'tf32', 'bf16'),
-        'nan_policy': ('stop', 'skip_step'),
+        'compile': COMPILE_MODES,
+        'precision': PRECISIONS,
+        'nan_policy': NAN_POLICIES,
 }
 _STRINGS = ('dataset_loader', 'checkpoint_dir', 'render_dir', 'data_dir', 'vocab_tree_path', 'render_path_file',
             'render_spline_keyframes', 'device', 'viewer_host')
@@ -311,28 +316,42 @@ def _fix_hint(owner: str, name: str) -> str:
     return f'fix the gin file or --gin_bindings="{owner}.{name} = ...".'
 
 
+# The fields a TrainState reads (train_utils.create_train_state checks them, for Configs built without
+# validate_config: the bench scripts, tests).
+TRAIN_STATE_FIELDS = ('nan_policy', 'nan_max_skips_in_a_row', 'grad_accum_steps', 'data_loss_type', 'lr_init',
+                      'lr_final', 'lr_delay_steps', 'lr_delay_mult', 'adam_beta1', 'adam_beta2', 'adam_eps',
+                      'max_steps', 'grad_max_norm', 'grad_max_val', 'seed')
+
+
+def _check_field(config: 'Config', name: str, default: Any):
+    value = getattr(config, name)
+    if name in _RANGES and not (value is None and default is None):
+        check_number(name, value, *_RANGES[name])
+    if name in _CHOICES:
+        check_choice(name, value, _CHOICES[name], none_ok=default is None)
+    if name in _STRINGS and not (isinstance(value, str) or (value is None and default is None)):
+        raise ConfigError(f'Config.{name} = {value!r} must be a string (a quoted name or path).')
+    if default is True or default is False:
+        check_bool(name, value)
+    if name == 'grad_accum_steps' and value != 'auto' and not (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ConfigError(f"Config.grad_accum_steps = {value!r} must be an integer >= 1 or 'auto'; fix the gin file "
+                          "or --gin_bindings=\"Config.grad_accum_steps = 'auto'\".")
+
+
+def validate_fields(config: Any, names: Sequence[str]):
+    """Checks the fields `names` of `config` as `validate_config` does (type, range or choice), raising the same
+    ConfigError; for callers that need a few fields right without requiring the whole Config to be."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for name in names:
+        _check_field(config, name, defaults[name])
+
+
 def validate_config(config: 'Config') -> 'Config':
     """Checks the type and range of every Config field that has one; raises ConfigError naming the field, its
     value and the allowed range. Returns `config`."""
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    for name, rng in _RANGES.items():
-        value = getattr(config, name, None)
-        if value is None and defaults.get(name, 0) is None:
-            continue
-        check_number(name, value, *rng)
-    for name, choices in _CHOICES.items():
-        check_choice(name, getattr(config, name), choices, none_ok=defaults[name] is None)
-    for name in _STRINGS:
-        value = getattr(config, name)
-        if not (isinstance(value, str) or (value is None and defaults[name] is None)):
-            raise ConfigError(f'Config.{name} = {value!r} must be a string (a quoted name or path).')
-    for f in dataclasses.fields(Config):
-        if f.default is True or f.default is False:
-            check_bool(f.name, getattr(config, f.name))
-    accum = config.grad_accum_steps
-    if accum != 'auto' and not (isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1):
-        raise ConfigError(f"Config.grad_accum_steps = {accum!r} must be an integer >= 1 or 'auto'; fix the gin file "
-                          "or --gin_bindings=\"Config.grad_accum_steps = 'auto'\".")
+    validate_fields(config, [f.name for f in dataclasses.fields(Config)])
     if config.far <= config.near:
         raise ConfigError(f'Config.far = {config.far!r} must be greater than Config.near = {config.near!r}.')
     if config.render_job_id >= config.render_num_jobs:

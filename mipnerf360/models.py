@@ -1098,8 +1098,8 @@ def render_image(render_fn: Callable[[Optional[torch.Generator], utils.Rays], Tu
     return rendering
 
 
-COMPILE_MODES = configs._CHOICES['compile']  # pylint: disable=protected-access  # One list, Config's.
-PRECISIONS = configs._CHOICES['precision']  # pylint: disable=protected-access
+COMPILE_MODES = configs.COMPILE_MODES
+PRECISIONS = configs.PRECISIONS
 
 
 def check_precision(precision: Optional[str]) -> None:

@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -112,13 +113,60 @@ def _shell_word(arg: str) -> str:
     return f'"{arg}"'
 
 
+class StepStopped(Exception):
+    """photos got SIGINT or SIGTERM while a step ran; the step has exited (train after saving a checkpoint)."""
+
+    def __init__(self, signum: int, module: str, returncode: int):
+        name = signal.Signals(signum).name
+        super().__init__(f'Stopped ({name}) during `python -m {module}`, which exited with status {returncode}; '
+                         'run the same command again to continue (training resumes from its last checkpoint).')
+        self.exit_code = 128 + signum
+
+
+def _step_command(module: str, flags: Sequence[str]) -> List[str]:
+    return [sys.executable, '-m', module] + list(flags) + ['--logtostderr']
+
+
+def _wait_for_step(proc: subprocess.Popen, module: str) -> int:
+    """The step's exit status, waiting for it also when photos is interrupted. The step runs in its own session
+    (`_start_step`), so a terminal's Ctrl-C reaches photos only and photos passes every SIGINT / SIGTERM on:
+    the step gets each signal exactly once, whether it was sent to photos or to its process group (train
+    finishes its step, saves a checkpoint and exits; a second Ctrl-C stops it at once). A hang-up (the terminal
+    closed), which the step's own session would not see, is passed on as SIGTERM. Raises StepStopped once the
+    step has exited."""
+    received: List[int] = []
+
+    def on_signal(signum, frame):  # pylint: disable=unused-argument
+        received.append(signum)
+        proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, on_signal)
+    except ValueError:  # Not the main thread: signals stay with the caller.
+        pass
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise StepStopped(received[0], module, returncode)
+    return returncode
+
+
+def _start_step(cmd: Sequence[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+
+
 def _run_step(title: str, module: str, flags: Sequence[str]):
-    cmd = [sys.executable, '-m', module] + list(flags) + ['--logtostderr']
+    cmd = _step_command(module, flags)
     print(f'\n== {title}\n$ ' + ' '.join(_shell_word(c) for c in ['python'] + cmd[1:]), flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO)
-    if proc.returncode != 0:
-        raise PhotosError(f'`python -m {module}` failed (exit {proc.returncode}); see its output above. Fix what '
+    returncode = _wait_for_step(_start_step(cmd), module)
+    if returncode != 0:
+        raise PhotosError(f'`python -m {module}` failed (exit {returncode}); see its output above. Fix what '
                           'it says and run this command again (training resumes from the last checkpoint).')
     print(f'== {title}: done in {time.time() - t0:.0f} s', flush=True)
 
@@ -157,6 +205,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PhotosError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
+    except StepStopped as e:
+        print(e, file=sys.stderr, flush=True)
+        return e.exit_code
     metrics_file = os.path.join(ckpt_dir, 'test_preds', 'metrics.json')
     with open(metrics_file) as f:
         metrics = json.load(f)

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mipnerf360 import camera_utils, image, math, models, ref_utils, robustnerf, stepfun, utils
+from mipnerf360 import camera_utils, configs, image, math, models, ref_utils, robustnerf, stepfun, utils
 from mipnerf360.configs import ConfigError
 
 Stats = Dict[str, Any]
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-NAN_POLICIES = ('stop', 'skip_step')
+NAN_POLICIES = configs.NAN_POLICIES
 
 
 class NonFiniteError(RuntimeError):
@@ -66,6 +66,7 @@ def compute_data_loss(batch: utils.Batch, renderings: List[Dict[str, torch.Tenso
             sum(lossmult * loss) / sum(lossmult).
         stats: 'mses' [num_levels] (and 'disparity_mses', 'normal_maes', RobustNeRF statistics).
     """
+    configs.check_choice('data_loss_type', config.data_loss_type, configs.DATA_LOSS_TYPES)
     rgb_gt = batch.rgb[..., :3]
     for rendering in renderings:
         if rendering['rgb'].shape != rgb_gt.shape:
@@ -94,13 +95,10 @@ def compute_data_loss(batch: utils.Batch, renderings: List[Dict[str, torch.Tenso
             rgb_clip = torch.clamp(rgb, max=1.)
             scaling_grad = 1. / (1e-3 + rgb_clip.detach())
             data_loss = (rgb_clip - rgb_gt)**2 * scaling_grad**2
-        elif config.data_loss_type == 'robustnerf':
+        else:  # 'robustnerf'
             mask, robust_stats = robustnerf.robustnerf_mask(resid_sq, loss_threshold, config)
             data_loss = resid_sq * mask
             extra_stats.update(robust_stats)
-        else:
-            raise ConfigError(f'Unknown Config.data_loss_type {config.data_loss_type!r}; expected one of '
-                              "'mse', 'charb', 'rawnerf', 'robustnerf'.")
         data_losses.append((lossmult * data_loss).sum() / denom)
 
         if config.compute_disp_metrics:
@@ -405,15 +403,10 @@ class FiniteGuard:
 def create_train_state(config: Any, model: nn.Module) -> TrainState:
     """A TrainState at step 0: Adam and the schedule of `create_optimizer`, seeded by `config.seed`, with a
     `FiniteGuard` following `config.nan_policy`."""
-    if config.nan_policy not in NAN_POLICIES:
-        raise ConfigError(f'Config.nan_policy = {config.nan_policy!r} is not one of {NAN_POLICIES}; '
-                          "use 'stop' (the default) or 'skip_step'.")
-    if not isinstance(config.grad_accum_steps, int) or config.grad_accum_steps < 1:
-        raise ConfigError(f'Config.grad_accum_steps = {config.grad_accum_steps!r} must be an integer >= 1 '
-                          '(1: no accumulation).')
-    if config.nan_max_skips_in_a_row < 1:
-        raise ConfigError(f'Config.nan_max_skips_in_a_row = {config.nan_max_skips_in_a_row} must be '
-                          '>= 1; set it to e.g. 100.')
+    configs.validate_fields(config, configs.TRAIN_STATE_FIELDS)
+    if config.grad_accum_steps == 'auto':
+        raise ConfigError("Config.grad_accum_steps = 'auto' must be resolved before create_train_state "
+                          '(memory.resolve_grad_accum_steps, as cli/train.py does).')
     optimizer, lr_fn = create_optimizer(config, model)
     device = next(_unwrap(model).parameters()).device
     guard = FiniteGuard(device, config.nan_policy, config.nan_max_skips_in_a_row)

@@ -307,6 +307,57 @@ def test_user_input_errors_stay_one_line(setup, tmp_path, monkeypatch, capsys, c
         assert s in lines[0], (s, lines[0])
 
 
+@pytest.fixture
+def opened_datasets(monkeypatch):
+    """[(dataset, {'closed': bool})] for every dataset a command opens through `common.load_dataset`."""
+    opened = []
+    real_load = common.load_dataset
+
+    def load(*args, **kwargs):
+        dataset = real_load(*args, **kwargs)
+        record, real_close = {'closed': False}, dataset.close
+
+        def close(*a, **k):
+            record['closed'] = True
+            return real_close(*a, **k)
+
+        dataset.close = close
+        opened.append((dataset, record))
+        return dataset
+
+    monkeypatch.setattr(common, 'load_dataset', load)
+    return opened
+
+
+@pytest.mark.parametrize('command,case', [('train', 'glo_embeddings'), ('train', 'resume_without_optimizer'),
+                                          ('train', 'model_bindings'), ('eval', 'model_bindings'),
+                                          ('render', 'model_bindings'), ('render', 'corrupt_checkpoint')])
+def test_setup_errors_close_the_datasets(setup, tmp_path, capsys, opened_datasets, command, case):
+    """An error after the datasets are open (train's _setup, eval / render before their loop) closes every one
+    of them (train's Prefetcher included) and is the one `error:` line with exit status 2."""
+    from mipnerf360.cli import train as train_cli
+    module = {'train': train_cli, 'eval': eval_cli, 'render': render_cli}[command]
+    ckpt, bindings = tmp_path / 'ckpt', []
+    ckpt.mkdir()
+    if case == 'glo_embeddings':
+        bindings, expected = ['Model.num_glo_features = 4', 'Model.num_glo_embeddings = 2'], 'num_glo_embeddings = 2'
+    elif case == 'model_bindings':
+        bindings, expected = ['NerfMLP.use_directional_enc = True'], 'Bad model bindings'
+    if case in ('resume_without_optimizer', 'model_bindings'):  # Setup's checkpoint holds no optimizer state.
+        for p in checkpoints.list_checkpoints(str(setup[3])):
+            os.link(p, ckpt / os.path.basename(p))
+        expected = expected if case == 'model_bindings' else 'has no optimizer state'
+    elif case == 'corrupt_checkpoint':
+        (ckpt / 'checkpoint_00000005.pt').write_bytes(b'not a checkpoint')
+        expected = 'is corrupt'
+    code = _run(module, _flags(setup, *bindings, ckpt=ckpt))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], lines
+    assert len(opened_datasets) == (2 if command == 'train' else 1)  # train: the training and test splits.
+    assert all(record['closed'] for _, record in opened_datasets)
+    assert not any(getattr(d, '_thread', None) is not None and d._thread.is_alive() for d, _ in opened_datasets)
+
+
 def _torchrun(cmd, argv, nproc=2):
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
                 '-m', cmd]

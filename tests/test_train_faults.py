@@ -1,6 +1,7 @@
 """Non-finite training steps: the finite-state guard of `train_step` (Config.nan_policy), checkpoints that refuse
 NaN, and a real diverging `python -m train` run."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -97,6 +98,26 @@ def test_bad_policy_is_a_config_error():
         train_utils.create_train_state(_config(nan_policy='ignore'), _tiny_model())
     with pytest.raises(configs.ConfigError, match='nan_max_skips_in_a_row = 0'):
         train_utils.create_train_state(_config(nan_max_skips_in_a_row=0), _tiny_model())
+
+
+@pytest.mark.parametrize('field,bad', [('nan_policy', 'ignore'), ('nan_max_skips_in_a_row', 0),
+                                       ('grad_accum_steps', 1.5), ('data_loss_type', 'l1'), ('lr_init', -1.),
+                                       ('adam_beta1', 1.), ('seed', -1)])
+def test_train_state_checks_its_fields_as_validate_config(field, bad):
+    """A Config built without validate_config (tests, bench scripts) gets validate_config's own message."""
+    config = dataclasses.replace(_config(), **{field: bad})
+    with pytest.raises(configs.ConfigError) as from_config:
+        configs.validate_config(config)
+    with pytest.raises(configs.ConfigError) as from_state:
+        train_utils.create_train_state(config, _tiny_model())
+    assert str(from_state.value) == str(from_config.value)
+    assert str(from_state.value).startswith(f'Config.{field} = {bad!r} must be ')
+    assert set(configs.TRAIN_STATE_FIELDS) <= {f.name for f in dataclasses.fields(configs.Config)}
+
+
+def test_train_state_needs_a_resolved_grad_accum_steps():
+    with pytest.raises(configs.ConfigError, match=r"grad_accum_steps = 'auto' must be resolved .*resolve_grad_acc"):
+        train_utils.create_train_state(_config(grad_accum_steps='auto'), _tiny_model())
 
 
 def test_train_step_has_no_host_sync():

@@ -241,15 +241,15 @@ def main(unused_argv):
     common.ensure_output_dir(out_dir, 'Config.checkpoint_dir')
     device = common.get_device(config, local_rank)
     dataset = common.load_dataset('test', config, device)
-    model = common.build_model(config, device)
     writer = None
-    if not config.eval_only_once and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(config.checkpoint_dir, 'eval'))
-    num_steps = config.early_exit_steps if config.early_exit_steps is not None else config.max_steps
-    last_step = 0
-    log = print if rank == 0 else (lambda *a, **k: None)
     try:
+        model = common.build_model(config, device)
+        if not config.eval_only_once and rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(config.checkpoint_dir, 'eval'))
+        num_steps = config.early_exit_steps if config.early_exit_steps is not None else config.max_steps
+        last_step = 0
+        log = print if rank == 0 else (lambda *a, **k: None)
         with common.distributed_group(world_size, device):
             while True:
                 path = common.broadcast_object(checkpoints.latest_checkpoint(config.checkpoint_dir), world_size)

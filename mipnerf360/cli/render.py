@@ -208,9 +208,9 @@ def main(unused_argv):
     out_dir = common.ensure_output_dir(os.path.join(base_dir, out_name), out_what)
     device = common.get_device(config, local_rank)
     dataset = common.load_dataset('test', config, device)
-    model = common.build_model(config, device)
-    step = common.restore_model(model, config, device, path=ckpt_path)
     try:
+        model = common.build_model(config, device)
+        step = common.restore_model(model, config, device, path=ckpt_path)
         with common.distributed_group(world_size, device), common.output_errors(out_what):
             _render(config, dataset, model, ckpt_path, step, base_dir, out_dir, out_name, rank, world_size)
     finally:

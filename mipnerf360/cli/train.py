@@ -24,6 +24,7 @@ Watching: with `Config.viewer_port` set, rank 0 serves the live browser viewer (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -111,7 +112,11 @@ class _Logger:
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(run.config.checkpoint_dir)
-            self.log_file = open(os.path.join(run.config.checkpoint_dir, 'train_log.txt'), 'a')
+            try:
+                self.log_file = open(os.path.join(run.config.checkpoint_dir, 'train_log.txt'), 'a')
+            except BaseException:
+                self.writer.close()  # Its writing thread.
+                raise
         self.bar = tqdm.tqdm(total=max(run.num_steps - run.init_step + 1, 0), initial=0, unit='step',
                              dynamic_ncols=True, disable=not (self.enabled and sys.stderr.isatty()), leave=False)
         self.stats_buffer = []
@@ -171,16 +176,21 @@ class _Logger:
             self.log_file.close()
 
 
-def _setup(config: configs.Config, rank: int, world_size: int, local_rank: int) -> _Run:
+def _setup(config: configs.Config, rank: int, world_size: int, local_rank: int,
+           resources: contextlib.ExitStack) -> _Run:
     """Datasets, model, train state (restored from the newest checkpoint). Everything is built and restored
-    before anything is written, so a bad checkpoint or dataset loses nothing."""
+    before anything is written, so a bad checkpoint or dataset loses nothing. What it opens is closed by
+    `resources`, also when it raises."""
     device = common.get_device(config, local_rank)
     if world_size > 1 and config.batch_size % world_size:
         raise configs.ConfigError(f'Config.batch_size = {config.batch_size} must be divisible by the number of '
                                   f'processes ({world_size}).')
     dataset = common.load_dataset('train', config, device, rank, world_size)
-    test_dataset = (common.load_dataset('test', config, device)
-                    if rank == 0 and config.train_render_every > 0 else None)
+    resources.callback(dataset.close)
+    test_dataset = None
+    if rank == 0 and config.train_render_every > 0:
+        test_dataset = common.load_dataset('test', config, device)
+        resources.callback(test_dataset.close)
     model = common.build_model(config, device)  # Seeded: identical initial weights on every rank.
     config = memory.resolve_grad_accum_steps(config, model, world_size)  # 'auto': from the free memory.
     if model.num_glo_features > 0 and dataset.size > model.num_glo_embeddings:
@@ -296,31 +306,28 @@ def _train(config: configs.Config, rank: int, world_size: int, local_rank: int, 
     """Setup, the loop and the cleanup of a run, in a checkpoint_dir this process has locked."""
     if config.viewer_port is not None and rank == 0:
         viewer.import_viser()  # A missing viser is reported before anything slow starts.
-    run = _setup(config, rank, world_size, local_rank)
-    try:
+    with contextlib.ExitStack() as resources:
+        run = _setup(config, rank, world_size, local_rank, resources)
         with common.distributed_group(world_size, run.device):
             if world_size > 1:
                 # Broadcasts rank 0's parameters, so every rank starts from the same (restored) weights.
                 run.state.model = torch.nn.parallel.DistributedDataParallel(
                     run.base_model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
             _log_and_loop(run, lock_message)
-    finally:
-        run.dataset.close()
-        if run.test_dataset is not None:
-            run.test_dataset.close()
 
 
 def _log_and_loop(run: _Run, lock_message: Optional[str]):
     """The logger, the signal handlers and the viewer around the training loop."""
     config, world_size = run.config, run.world_size
     log = _Logger(run)
-    if lock_message:
-        log(lock_message)
-    log(f'Training on {run.device} ({world_size} process(es), {config.batch_size // world_size} rays each); '
-        f'{run.num_params} parameters; {run.dataset.size} training images; steps {run.init_step}..{run.num_steps}.')
     stopper = _Stopper()
     stopper.install()
     try:
+        if lock_message:
+            log(lock_message)
+        log(f'Training on {run.device} ({world_size} process(es), {config.batch_size // world_size} rays each); '
+            f'{run.num_params} parameters; {run.dataset.size} training images; steps {run.init_step}..'
+            f'{run.num_steps}.')
         if config.viewer_port is not None and run.is_main:
             test_scene = run.test_dataset.scene if run.test_dataset is not None else None
             run.viewer = viewer.Viewer(run.base_model, config, run.dataset.scene, config.viewer_port,

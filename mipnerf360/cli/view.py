@@ -34,8 +34,8 @@ def main(unused_argv):
     model = common.build_model(config, device)
     step = common.restore_model(model, config, device, path=path)
     view = viewer.Viewer(model, config, scene, port=config.viewer_port or DEFAULT_PORT, step=step, **initial)
-    print(f'Viewer of {path} (step {step}) at {view.url}; Ctrl-C to stop.', flush=True)
     try:
+        print(f'Viewer of {path} (step {step}) at {view.url}; Ctrl-C to stop.', flush=True)
         while True:
             time.sleep(max(config.viewer_refresh_seconds, .1))
             newest = checkpoints.latest_checkpoint(config.checkpoint_dir)
