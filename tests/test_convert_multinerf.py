@@ -8,6 +8,12 @@ and the reference eval's per-image PSNR / SSIM; README_multinerf_checkpoint.md s
 - `python -m mipnerf360.convert_multinerf` then `python -m eval` on the regenerated scene reproduce the
   reference's eval PSNR within 0.02 dB (and SSIM);
 - training resumes from the converted checkpoint with the converted Adam moments;
+- multinerf_raw_tiny/ (a RawNeRF checkpoint multinerf trained on the generated raw scene): our eval writes
+  multinerf eval.py's metric files (psnr, ssim, cc_psnr, cc_ssim after the raw -> sRGB postprocessing, with the
+  quadratic and the affine colour correction) to 1e-4 dB, and our render its spiral-path frames;
+- multinerf_refnerf_tiny/ (a Ref-NeRF checkpoint multinerf trained on the generated shiny scene): our eval
+  writes its metric files, normal MAEs included, within the tolerances its float32 colour correction and 8-bit
+  rounding allow;
 - user errors (missing path, foreign file, wrong config, orbax folder, non-empty output) are one clear line.
 multinerf_360_glo_tree.json is the tree (paths, shapes, dtypes) of a checkpoint that multinerf wrote for the full
 configs/360.gin model with GLO: a checkpoint of that tree, filled with distinct random values, converts for our
@@ -34,6 +40,7 @@ from PIL import Image
 from mipnerf360 import checkpoints, configs, convert_multinerf, models, synthetic, train_utils, utils
 from mipnerf360.cli import common
 from mipnerf360.cli import eval as eval_cli
+from mipnerf360.cli import render as render_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, 'tests', 'data', 'multinerf_tiny')
@@ -73,8 +80,8 @@ def _env():
     return env
 
 
-def _flags(data_dir, ckpt_dir, *extra, bindings=()):
-    return ([f'--gin_configs={GIN}', f"--gin_bindings=Config.data_dir = '{data_dir}'",
+def _flags(data_dir, ckpt_dir, *extra, bindings=(), gin=GIN):
+    return ([f'--gin_configs={gin}', f"--gin_bindings=Config.data_dir = '{data_dir}'",
              f"--gin_bindings=Config.checkpoint_dir = '{ckpt_dir}'"] + [f'--gin_bindings={b}' for b in bindings]
             + list(extra))
 
@@ -148,15 +155,27 @@ def test_forward_pass_matches_the_reference(converted):
     assert ref['level2_rgb'].std() > 0.02  # The rays see different colours, so a wrong mapping would show.
 
 
+def _check_scene(paths, want_sha256: str, data: str, read=lambda f: np.asarray(Image.open(f))):
+    """Asserts that the regenerated scene's pixels (`read` of each path, in sorted order) hash as when the
+    reference ran on it."""
+    digest = hashlib.sha256()
+    for f in sorted(paths):
+        digest.update(np.ascontiguousarray(read(f)).tobytes())
+    assert digest.hexdigest() == want_sha256, \
+        f'the synthetic scene changed; regenerate tests/data/{os.path.basename(data)} (README_multinerf_checkpoint.md)'
+
+
+def _metric_file(preds: str, name: str, step: int):
+    """The per-image values of eval's metric_<name>_<step>.txt (the reference's file format)."""
+    with open(os.path.join(preds, f'metric_{name}_{step}.txt')) as fp:
+        return [float(v) for v in fp.read().split()]
+
+
 def _scene(tmp_path):
     scene = str(tmp_path / 'scene')
     synthetic.write_colmap_scene(scene)
-    digest = hashlib.sha256()
-    for f in sorted(glob.glob(os.path.join(scene, 'images_2', '*.png'))):
-        digest.update(np.asarray(Image.open(f)).tobytes())
     metrics = json.load(open(os.path.join(DATA, 'reference_metrics.json')))
-    assert digest.hexdigest() == metrics['scene_images_2_pixels_sha256'], \
-        'the synthetic scene changed; regenerate tests/data/multinerf_tiny (README_multinerf_checkpoint.md)'
+    _check_scene(glob.glob(os.path.join(scene, 'images_2', '*.png')), metrics['scene_images_2_pixels_sha256'], DATA)
     return scene, metrics
 
 
@@ -172,6 +191,93 @@ def test_convert_then_eval_reproduces_reference_metrics(tmp_path):
     assert abs(ours['psnr'] - ref['mean_psnr']) < 0.02
     np.testing.assert_allclose(ours['per_image']['psnr'], ref['psnr'], atol=0.02)
     np.testing.assert_allclose(ours['per_image']['ssim'], ref['ssim'], atol=1e-3)
+
+
+RAW_DATA = os.path.join(REPO, 'tests', 'data', 'multinerf_raw_tiny')
+RAW_GIN = os.path.join(REPO, 'tests', 'data', 'multinerf_raw_tiny.gin')
+
+
+@pytest.fixture(scope='module')
+def raw_run(tmp_path_factory):
+    """The regenerated raw scene and multinerf's RawNeRF checkpoint converted into a run folder."""
+    pytest.importorskip('pidng', reason='writing DNGs needs the optional pidng package (pip install .[raw])')
+    rawpy = pytest.importorskip('rawpy', reason='reading DNGs needs the optional rawpy package (pip install .[raw])')
+    root = tmp_path_factory.mktemp('raw_run')
+    scene, out = str(root / 'scene'), str(root / 'ckpt')
+    synthetic.write_raw_scene(scene, n_views=12, width=64, height=48, supersample=2)
+    ref = json.load(open(os.path.join(RAW_DATA, 'reference_metrics.json')))
+
+    def mosaic(path):
+        with rawpy.imread(path) as raw:
+            return raw.raw_image.copy()
+
+    _check_scene(glob.glob(os.path.join(scene, 'raw', '*.dng')), ref['scene_dng_pixels_sha256'], RAW_DATA, mosaic)
+    flags = _flags(scene, out, gin=RAW_GIN)
+    assert _in_process(convert_multinerf.run, flags + [f'--multinerf_checkpoint={RAW_DATA}']) == 0
+    return flags, out, ref
+
+
+@pytest.mark.parametrize('variant, affine', [('color_correct', False), ('affine_cc', True)])
+def test_raw_eval_reproduces_reference_metrics(raw_run, variant, affine):
+    """RawNeRF eval (sRGB postprocessing with the scene's exposure, learned exposure scaling, quadratic or affine
+    colour correction in raw space) of multinerf's own checkpoint gives multinerf eval.py's metric files."""
+    flags, out, ref = raw_run
+    preds = os.path.join(out, 'test_preds')
+    shutil.rmtree(preds, ignore_errors=True)
+    assert _in_process(eval_cli.run, flags + [f'--gin_bindings=Config.eval_raw_affine_cc = {affine}']) == 0
+    for name, want in ref[variant].items():
+        got = _metric_file(preds, name, ref['step'])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 if name.endswith('psnr') else 5e-5, err_msg=name)
+
+
+def test_raw_render_path_reproduces_reference_frames(raw_run, tmp_path):
+    """render.py's spiral path frames of the same checkpoint: sRGB colour PNGs equal up to our rounding where
+    multinerf truncates (ours - theirs in {0, 1}, 1 for about half the values), distances to float noise."""
+    flags, _, _ = raw_run
+    assert _in_process(render_cli.run, flags + [
+        '--gin_bindings=Config.render_path = True', '--gin_bindings=Config.render_path_frames = 4',
+        f"--gin_bindings=Config.render_dir = '{tmp_path}'"]) == 0
+    ours = os.path.join(tmp_path, 'path_renders_step_300')
+    ref_frames = sorted(glob.glob(os.path.join(RAW_DATA, 'render_path', '*')))
+    assert len(ref_frames) == 8
+    for f in ref_frames:
+        want = np.asarray(Image.open(f), np.float64)
+        got = np.asarray(Image.open(os.path.join(ours, os.path.basename(f))), np.float64)
+        if f.endswith('.png'):
+            assert set(np.unique(got - want)) <= {0., 1.}, os.path.basename(f)
+            # Rounding adds 1 to about half the values (a frame 0.1 units darker or brighter leaves 0.4 / 0.6).
+            assert 0.42 < (got - want).mean() < 0.58, os.path.basename(f)
+        else:
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=os.path.basename(f))
+
+
+REFNERF_DATA = os.path.join(REPO, 'tests', 'data', 'multinerf_refnerf_tiny')
+REFNERF_GIN = os.path.join(REPO, 'tests', 'data', 'multinerf_refnerf_tiny.gin')
+# Tolerances against multinerf's metric files (README_multinerf_checkpoint.md says where each difference comes
+# from): its colour correction solves in float32 (ours in float64), and quantised metrics flip a few 8-bit values
+# that lie at a rounding boundary (~1e-4 dB each on these 32 x 32 images).
+_REFNERF_ATOL = {'psnr': 1e-4, 'ssim': 5e-5, 'cc_psnr': 2e-3, 'cc_ssim': 5e-5, 'normals_mae': 1e-3,
+                 'normals_pred_mae': 1e-3}
+_REFNERF_QUANTIZED_ATOL = dict(_REFNERF_ATOL, psnr=2e-3, ssim=2e-4)
+
+
+@pytest.mark.parametrize('quantize', [False, True])
+def test_refnerf_eval_reproduces_reference_metrics(tmp_path, quantize):
+    """Ref-NeRF eval of multinerf's own checkpoint (IDE, predicted normals / roughness, diffuse, tint) gives
+    multinerf eval.py's metric files, including the normal MAE of the density-gradient and predicted normals."""
+    scene, out = str(tmp_path / 'scene'), str(tmp_path / 'ckpt')
+    synthetic.write_shiny_blender_scene(scene, n_train=16, width=32, height=32, supersample=2)
+    ref = json.load(open(os.path.join(REFNERF_DATA, 'reference_metrics.json')))
+    _check_scene(glob.glob(os.path.join(scene, 'test', '*.png')), ref['scene_test_pixels_sha256'], REFNERF_DATA)
+    flags = _flags(scene, out, gin=REFNERF_GIN, bindings=[f'Config.eval_quantize_metrics = {quantize}'])
+    assert _in_process(convert_multinerf.run, flags + [f'--multinerf_checkpoint={REFNERF_DATA}']) == 0
+    assert _in_process(eval_cli.run, flags) == 0
+    want_all = ref['quantized' if quantize else 'unquantized']
+    atol = _REFNERF_QUANTIZED_ATOL if quantize else _REFNERF_ATOL
+    assert set(want_all) == set(atol)
+    for name, want in want_all.items():
+        got = _metric_file(os.path.join(out, 'test_preds'), name, ref['step'])
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol[name], err_msg=name)
 
 
 def test_training_resumes_from_converted_checkpoint(tmp_path, converted):
