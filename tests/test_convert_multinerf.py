@@ -6,7 +6,7 @@ and the reference eval's per-image PSNR / SSIM; README_multinerf_checkpoint.md s
 - every parameter and Adam moment is the reference's array (kernels transposed), step = optax's count;
 - our forward pass of the converted model reproduces the reference's outputs on the saved rays, per level;
 - `python -m mipnerf360.convert_multinerf` then `python -m eval` on the regenerated scene reproduce the
-  reference's eval PSNR within 0.02 dB (and SSIM);
+  reference's eval PSNR within 2e-3 dB (and SSIM);
 - training resumes from the converted checkpoint with the converted Adam moments;
 - multinerf_raw_tiny/ (a RawNeRF checkpoint multinerf trained on the generated raw scene): our eval writes
   multinerf eval.py's metric files (psnr, ssim, cc_psnr, cc_ssim after the raw -> sRGB postprocessing, with the
@@ -188,9 +188,11 @@ def test_convert_then_eval_reproduces_reference_metrics(tmp_path):
     assert _in_process(eval_cli.run, _flags(scene, out)) == 0
     ours = json.load(open(os.path.join(out, 'test_preds', 'metrics.json')))
     assert ours['step'] == 400
-    assert abs(ours['psnr'] - ref['mean_psnr']) < 0.02
-    np.testing.assert_allclose(ours['per_image']['psnr'], ref['psnr'], atol=0.02)
-    np.testing.assert_allclose(ours['per_image']['ssim'], ref['ssim'], atol=1e-3)
+    # Seen here: 1.5e-6 dB and 6e-7 per image; the bars leave room for a few 8-bit rounding flips (~1e-4 dB each)
+    # on another CPU's float rounding.
+    assert abs(ours['psnr'] - ref['mean_psnr']) < 2e-3
+    np.testing.assert_allclose(ours['per_image']['psnr'], ref['psnr'], atol=2e-3)
+    np.testing.assert_allclose(ours['per_image']['ssim'], ref['ssim'], atol=1e-4)
 
 
 RAW_DATA = os.path.join(REPO, 'tests', 'data', 'multinerf_raw_tiny')
