@@ -156,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _run_step('Rendering a video', 'render', flags + ['--gin_bindings=Config.render_path = True'])
     except PhotosError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 1
+        return 2  # A user error, as for train / eval / render.
     metrics_file = os.path.join(ckpt_dir, 'test_preds', 'metrics.json')
     with open(metrics_file) as f:
         metrics = json.load(f)
