@@ -380,8 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 factors=args.factors, num_threads=args.num_threads, seed=args.seed,
                 min_registered=args.min_registered, retry=not args.no_retry)
     except ColmapError as e:
-        print(f'Error: {e}', file=sys.stderr)
-        return 1
+        print(f'error: {e}', file=sys.stderr)
+        return 2  # A user error, as for train / eval / render.
     return 0
 
 

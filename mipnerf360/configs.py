@@ -8,8 +8,11 @@ Field names and defaults are those of multinerf's `internal/configs.py`, so the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+import re
+import tokenize
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import gin
@@ -391,9 +394,37 @@ def parse_gin(gin_configs: Optional[Sequence[str]], gin_bindings: Optional[Seque
     gin_configs = resolved
     try:
         gin.parse_config_files_and_bindings(gin_configs, list(gin_bindings or []), skip_unknown=False)
-    except (ValueError, KeyError, NameError, SyntaxError, TypeError) as e:
+    except (ValueError, KeyError, NameError, SyntaxError, TypeError, tokenize.TokenError) as e:
         msg = ' '.join(str(e).split())
-        raise ConfigError(f'Bad gin config or binding: {msg}') from None
+        unparseable = _unparseable_binding(gin_bindings or [])
+        if unparseable is not None:
+            raise ConfigError(
+                f'Bad gin binding {unparseable!r}: its value is not a Python literal or @reference. Quote strings: '
+                "--gin_bindings=\"Config.data_dir = '/path/to/scene'\" (single quotes inside, double quotes "
+                'around the whole binding for the shell).') from None
+        raise ConfigError(f'Bad gin config or binding: {msg}{_configurable_suggestion(msg)}') from None
+
+
+def _unparseable_binding(bindings: Sequence[str]) -> Optional[str]:
+    """The first binding gin's parser cannot read on its own (a syntax error, e.g. an unquoted path), or None."""
+    from gin import config_parser  # pylint: disable=import-outside-toplevel
+    for binding in bindings:
+        try:
+            for _ in config_parser.ConfigParser(binding, gin.config.ParserDelegate(skip_unknown=True)):
+                pass
+        except (SyntaxError, tokenize.TokenError):
+            return binding
+    return None
+
+
+def _configurable_suggestion(msg: str) -> str:
+    """'; did you mean NerfMLP?' for gin's "No configurable matching 'NerfMPL'", else ''."""
+    match = re.search(r"No configurable matching '([^']+)'", msg)
+    if match is None:
+        return ''
+    names = {n.rsplit('.', 1)[-1] for n, _ in gin.config._REGISTRY.items()}  # pylint: disable=protected-access
+    close = difflib.get_close_matches(match.group(1), sorted(names), n=1)
+    return f'; did you mean {close[0]}?' if close else ''
 
 
 def load_config(save_config: bool = True, gin_configs=None, gin_bindings=None) -> Config:

@@ -20,7 +20,12 @@ Methods:
       then marching cubes (scikit-image) at level 0.
   mesh 'density': marching cubes on the NeRF MLP's density sampled on the grid at `density_threshold`: each voxel
       is queried as a Gaussian at its centre with the voxel's own (uniform box) covariance `h^2 / 12 I`, through
-      the MLP's warp (the scene contraction), as the model queries its samples.
+      the MLP's warp (the scene contraction), as the model queries its samples. The density's scale depends on
+      the model (a tiny model's peaks at 3-50, the paper's at thousands), so by default the level comes from the
+      model itself (`surface_density_level`): the median density at the points where the training views' rays
+      reach an accumulated opacity of 0.5 (their rendered median distance), so the surface passes where the
+      renderings put it. Fixed levels elsewhere: instant-ngp 2.5, torch-ngp 10, nerf_pl 20 (each for its own
+      density scale); threestudio's 'auto' takes the mean of the grid's non-zero density.
 
 Memory: grids are processed in chunks of voxels on the device and kept on the host (a 512^3 TSDF grid needs
 about 1.5 GB of host memory, the density grid 0.5 GB); views are rendered one at a time, and the TSDF keeps each
@@ -183,10 +188,10 @@ def transform_mesh(mesh: Mesh, transform: np.ndarray) -> Mesh:
 
 
 def render_views(model: torch.nn.Module, sampler: Any, config: Any, train_frac: float = 1.,
-                 progress: bool = True) -> Iterator[DepthView]:
-    """Renders the images of `sampler` (a `datasets.RaySampler`, usually of the training split) one at a time
-    with `models.render_image`: rgb, acc, distance_median (and normals when the model predicts them). A
-    generator, so that `point_cloud` and `tsdf_fusion` hold one view on the host at a time."""
+                 progress: bool = True, indices: Optional[Sequence[int]] = None) -> Iterator[DepthView]:
+    """Renders the images of `sampler` (a `datasets.RaySampler`, usually of the training split), or those at
+    `indices`, one at a time with `models.render_image`: rgb, acc, distance_median (and normals when the model
+    predicts them). A generator, so that `point_cloud` and `tsdf_fusion` hold one view on the host at a time."""
     scene = sampler.scene
     if scene.pixtocam_ndc is not None:
         raise ExportError('Export does not support NDC scenes (Config.forward_facing = True): their model lives '
@@ -195,7 +200,8 @@ def render_views(model: torch.nn.Module, sampler: Any, config: Any, train_frac: 
     was_training = model.training
     model.eval()
     try:
-        for i in tqdm.trange(sampler.size, desc='Rendering views', unit='view', disable=not progress):
+        indices = range(sampler.size) if indices is None else list(indices)
+        for i in tqdm.tqdm(indices, desc='Rendering views', unit='view', disable=not progress):
             rays = sampler.generate_ray_batch(i).rays
             out = models.render_image(render_fn, rays, None, config)
             normals = out.get('normals_pred', out.get('normals'))
@@ -412,6 +418,12 @@ def _voxel_gaussians(means: torch.Tensor, h: float) -> Tuple[torch.Tensor, torch
     return means, cov.expand(means.shape[:-1] + (3, 3))
 
 
+def _density(mlp: torch.nn.Module, means: torch.Tensor, h: float) -> np.ndarray:
+    """The MLP's density (after its activation) at `means` [n, 3], each queried as a voxel of edge h."""
+    raw, _ = mlp.predict_density(*_voxel_gaussians(means, h), None)
+    return mlp.density_activation(raw + mlp.density_bias).float().cpu().numpy()
+
+
 def density_grid(mlp: torch.nn.Module, bbox: BBox, resolution: int = 256, chunk: int = 1 << 16,
                  progress: bool = True) -> Tuple[Grid, np.ndarray]:
     """The MLP's density (after its activation) at the voxel centres of the grid over `bbox`."""
@@ -421,10 +433,34 @@ def density_grid(mlp: torch.nn.Module, bbox: BBox, resolution: int = 256, chunk:
     with torch.no_grad():
         for start in _chunks(grid.size, chunk, 'Density grid', progress):
             stop = min(start + chunk, grid.size)
-            means, covs = _voxel_gaussians(grid.centres(start, stop, device), grid.h)
-            raw, _ = mlp.predict_density(means, covs, None)
-            out[start:stop] = mlp.density_activation(raw + mlp.density_bias).float().cpu().numpy()
+            out[start:stop] = _density(mlp, grid.centres(start, stop, device), grid.h)
     return grid, out.reshape(grid.shape)
+
+
+AUTO_LEVEL_VIEWS = 8  # Training views rendered to pick the density level (evenly spaced).
+
+
+def auto_level_views(num_views: int) -> np.ndarray:
+    """Indices of the (at most AUTO_LEVEL_VIEWS, evenly spaced) views `surface_density_level` is given."""
+    return np.unique(np.linspace(0, num_views - 1, min(num_views, AUTO_LEVEL_VIEWS)).round().astype(np.int64))
+
+
+def surface_density_level(mlp: torch.nn.Module, views: Iterable[DepthView], h: float, min_acc: float = 0.9,
+                          bbox: Optional[BBox] = None, chunk: int = 1 << 16) -> float:
+    """The density iso-level of the rendered surface: the median, over the views' pixels with opacity >=
+    `min_acc` whose surface point lies in `bbox`, of the MLP's density (queried as a voxel of edge `h`, as
+    `density_grid` does) at the point `o + t d` where the ray's accumulated opacity reaches 0.5 (t: the rendered
+    median distance). A density mesh at this level passes through the surface the renderings show."""
+    try:
+        points = point_cloud(views, min_acc, bbox).points
+    except ExportError as e:
+        raise ExportError(f'{e} (Or set --density_threshold.)') from None
+    device = next(mlp.parameters()).device
+    with torch.no_grad():
+        density = np.concatenate([_density(mlp, torch.as_tensor(points[i:i + chunk], dtype=torch.float32,
+                                                                 device=device), h)
+                                  for i in range(0, len(points), chunk)])
+    return float(np.median(density))
 
 
 def mlp_colors(mlp: torch.nn.Module, vertices: np.ndarray, normals: np.ndarray, h: float,
@@ -451,7 +487,8 @@ def mesh_from_density(mlp: torch.nn.Module, bbox: BBox, resolution: int = 256, t
                       chunk: int = 1 << 16, progress: bool = True) -> Mesh:
     """Marching cubes on the MLP's density at `threshold`; vertex colours from the MLP (`mlp_colors`)."""
     if not threshold > 0:
-        raise ExportError(f'--density_threshold = {threshold} must be positive (e.g. 50).')
+        raise ExportError(f'--density_threshold = {threshold} must be positive (or leave it unset to take the '
+                          'level from the rendered surface).')
     grid, density = density_grid(mlp, bbox, resolution, chunk, progress)
     if not density.min() < threshold < density.max():
         raise ExportError(f'The density in the box ranges over {density.min():.3g}..{density.max():.3g} and never '

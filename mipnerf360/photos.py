@@ -204,7 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _run_step('Rendering a video', 'render', flags + ['--gin_bindings=Config.render_path = True'])
     except PhotosError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 1
+        return 2  # A user error, as for train / eval / render.
     except StepStopped as e:
         print(e, file=sys.stderr, flush=True)
         return e.exit_code

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 import threading
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -37,6 +38,35 @@ THUMBNAIL_SIZE = 96  # Long side, in pixels, of the images shown on the frustums
 
 class ViewerError(configs.ConfigError):
     """The viewer cannot start (viser missing, port taken): a user error, printed as one line."""
+
+
+def _closed_before_handshake(exc: Optional[BaseException]) -> bool:
+    """Whether `exc` (or an exception it was raised from) is an EOFError: the peer went away mid-handshake."""
+    while exc is not None:
+        if isinstance(exc, EOFError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class _BrowserDisconnectFilter(logging.Filter):
+    """Drops websockets' 'opening handshake failed' tracebacks caused by a browser closing a connection before
+    its handshake finished (page reloads, pre-opened sockets); every other websockets error stays. viser hides
+    them only once its first HTTP request is served."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage() == 'opening handshake failed' and _closed_before_handshake(exc))
+
+
+_DISCONNECT_FILTER = _BrowserDisconnectFilter()
+
+
+def silence_browser_disconnects():
+    """Installs `_BrowserDisconnectFilter` on websockets' server logger (once)."""
+    logger = logging.getLogger('websockets.server')
+    if _DISCONNECT_FILTER not in logger.filters:
+        logger.addFilter(_DISCONNECT_FILTER)
 
 
 # -- Cameras. --------------------------------------------------------------------------------------------------
@@ -184,6 +214,8 @@ class Viewer:
         self.watching = False  # Whether any browser is connected (read by `update` without a lock).
         self._rendering: Optional[Tuple[int, Tuple[Any, ...]]] = None  # (client id, camera key) being rendered.
         self._camera_moved = False  # Set when that camera moves; aborts a fine level mid-render.
+        self._client_left = False  # Set when that browser disconnects; nothing is sent then.
+        silence_browser_disconnects()
         try:
             self.server = viser.ViserServer(host=config.viewer_host, port=port, verbose=False)
         except OSError as e:
@@ -254,6 +286,9 @@ class Viewer:
         self._wake.set()
 
     def _on_disconnect(self, client):
+        rendering = self._rendering
+        if rendering is not None and rendering[0] == client.client_id:
+            self._client_left = self._camera_moved = True  # Nobody to send it to: stop that render.
         with self._lock:
             self._views.pop(client.client_id, None)
         self.watching = bool(self.server.get_clients())
@@ -309,11 +344,13 @@ class Viewer:
         level = view.level + 1 if view is not None and view.key == key else 0
         w, h = level_size(width, height, self.config.viewer_max_resolution, level)
         final = level == NUM_LEVELS - 1
-        self._camera_moved = False
+        self._camera_moved = self._client_left = False
         self._rendering = (client.client_id, camera_key)
         try:
             img = self.render(np.array(wxyz), np.array(position), fov, w, h, self.mode.value,
                               interruptible=level > 0)
+            if self._stop.is_set() or self._client_left:
+                return False  # Closed or disconnected mid-render: nobody to send it to.
             client.scene.set_background_image(img, format='png' if final else 'jpeg')
         except _Superseded:
             return True
@@ -333,14 +370,15 @@ class Viewer:
     def render(self, wxyz: np.ndarray, position: np.ndarray, fov_y: float, width: int, height: int,
                mode: str = 'colour', interruptible: bool = False) -> np.ndarray:
         """[height, width, 3] uint8 image of the viewer's model from a viser camera, shown as `mode`;
-        `interruptible`: raises _Superseded between chunks once a browser's camera moves."""
+        `interruptible`: raises _Superseded between chunks once a browser's camera moves (or leaves); any render
+        raises it once the viewer is closing, so Ctrl-C does not wait for a full-resolution image."""
         s = self._scene
         rays = viewer_rays(wxyz, position, fov_y, width, height, s.near, s.far, self._device, s.pixtocam_ndc)
         train_frac = train_utils.train_frac_of(max(self._step, 1), self.config)
         model_fn = functools.partial(self._model, train_frac=train_frac, compute_extras=True)
 
         def render_fn(rng, chunk):
-            if interruptible and self._camera_moved:
+            if self._stop.is_set() or (interruptible and self._camera_moved):
                 raise _Superseded
             return model_fn(rng, chunk)
 

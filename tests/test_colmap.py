@@ -125,10 +125,13 @@ def test_resize_images(tmp_path):
     assert Image.open(tmp_path / 'images_8' / 'a.png').size == (8, 6)
 
 
-def test_sfm_errors(tmp_path):
+def test_sfm_errors(tmp_path, capsys):
     with pytest.raises(colmap.ColmapError, match='No image folder'):
         colmap.run_sfm(str(tmp_path))
-    assert colmap.main([str(tmp_path)]) == 1
+    capsys.readouterr()
+    assert colmap.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: No image folder'), err
 
 
 def _similarity_align(src, dst):

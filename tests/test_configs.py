@@ -72,6 +72,24 @@ def test_misspelled_binding_is_a_clear_error():
         configs.parse_gin([], ['Config.bach_size = 3'])
 
 
+@pytest.mark.parametrize('binding', ['Config.data_dir = /data/360_v2/garden', "Config.data_dir = '/data/garden",
+                                     'Config.render_resolution = (64, 48'])
+def test_unparseable_binding_is_named_with_the_quoting_fix(binding):
+    """gin says only 'Unable to parse value. (line 3)'; the error names the binding and how to quote a string."""
+    with pytest.raises(configs.ConfigError) as e:
+        configs.parse_gin(['configs/360.gin'], ['Config.batch_size = 8', 'Model.raydist_fn = @jnp.reciprocal',
+                                                binding])
+    assert str(e.value).startswith(f'Bad gin binding {binding!r}: ')
+    assert '--gin_bindings="Config.data_dir = \'/path/to/scene\'"' in str(e.value)
+
+
+def test_misspelled_configurable_suggests_the_name():
+    with pytest.raises(configs.ConfigError, match=r"No configurable matching 'NerfMPL'.*; did you mean NerfMLP\?$"):
+        configs.parse_gin([], ['NerfMPL.net_width = 8'])
+    with pytest.raises(configs.ConfigError, match=r"No configurable matching 'Zzyzx'[^;]*$"):
+        configs.parse_gin([], ['Zzyzx.net_width = 8'])
+
+
 def test_missing_gin_file_is_a_clear_error():
     with pytest.raises(configs.ConfigError, match='not found: nope.gin'):
         configs.parse_gin(['nope.gin'], [])

@@ -14,6 +14,7 @@ surface, so every check is a distance to it:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -154,6 +155,45 @@ def test_density_mesh_finds_the_level_set():
         export.mesh_from_density(mlp, bbox, resolution=8, threshold=1e9, progress=False)
 
 
+def _ball_views(centre, radius, n_views=6, w=24, h=18):
+    """Views on a ring looking at a ball, with the exact distance to it (acc 1 on the ball, 0 beside it)."""
+    pixtocam = np.linalg.inv(synthetic.intrinsics(0.9 * w, w, h))
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+    views = []
+    for c2w in synthetic.ring_poses(n_views, radius=2., height=.5, seed=0, target=np.asarray(centre)):
+        o, d = synthetic.pixel_rays(c2w, pixtocam, xx.reshape(-1) + .5, yy.reshape(-1) + .5)
+        oc = o - centre
+        b, c, dd = np.sum(oc * d, -1), np.sum(oc * oc, -1) - radius ** 2, np.sum(d * d, -1)
+        disc = b * b - dd * c
+        t = np.where(disc > 0, (-b - np.sqrt(np.maximum(disc, 0))) / dd, np.inf)
+        views.append(export.DepthView(origins=o.reshape(h, w, 3), directions=d.reshape(h, w, 3),
+                                      distance=t.reshape(h, w), rgb=np.zeros((h, w, 3)),
+                                      acc=(disc > 0).astype(np.float64).reshape(h, w), camtoworld=c2w,
+                                      pixtocam=pixtocam))
+    return views
+
+
+def test_density_level_is_the_density_at_the_rendered_surface():
+    """The default --density_threshold: the density where the rays' opacity reaches 0.5 (their median distance);
+    views whose median distance lies on the ball recover its density there, whatever its scale, and a density mesh
+    at that level is the ball."""
+    centre, radius = np.array([0.1, -0.2, 0.3]), 0.4
+    bbox = (centre - 0.6, centre + 0.6)
+    for level in (3., 50., 2000.):
+        mlp = _BallDensity(list(centre), radius, level)
+        views = _ball_views(centre, radius)
+        assert sum(int(v.valid(0.9).sum()) for v in views) > 300
+        found = export.surface_density_level(mlp, views, h=1.2 / 40, bbox=bbox)
+        assert found == pytest.approx(level, rel=1e-3), (found, level)
+    mesh = export.mesh_from_density(mlp, bbox, resolution=40, threshold=found, chunk=4096, progress=False)
+    assert np.abs(np.linalg.norm(mesh.vertices - centre, axis=-1) - radius).max() < 0.05 * 1.2 / 40
+    assert list(export.auto_level_views(3)) == [0, 1, 2]
+    assert list(export.auto_level_views(36)) == [0, 5, 10, 15, 20, 25, 30, 35]
+    empty = [dataclasses.replace(v, acc=np.zeros_like(v.acc)) for v in views]
+    with pytest.raises(export.ExportError, match='--density_threshold'):
+        export.surface_density_level(mlp, empty, h=.03, bbox=bbox)
+
+
 def test_transforms_move_points_normals_and_faces():
     rng = np.random.default_rng(1)
     rot = np.linalg.qr(rng.normal(size=(3, 3)))[0]
@@ -259,6 +299,8 @@ def exported(workdir):  # noqa: F811
                                  stderr=subprocess.PIPE) for k, cmd in runs.items()}
     assert _in_process(export_cli, ['mesh'] + _flags(gin_file, scene, ckpt) + [
         '--method=density', '--resolution=64', '--density_threshold=2', f'--output={out}/density.ply']) == 0
+    assert _in_process(export_cli, ['mesh'] + _flags(gin_file, scene, ckpt) + [
+        '--method=density', '--resolution=64', f'--output={out}/density_auto.ply']) == 0
     for p in procs.values():
         stdout, stderr = p.communicate(timeout=300)
         _check_ok(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
@@ -273,7 +315,7 @@ def test_end_to_end_export_quality(workdir, exported):  # noqa: F811
     uniform = np.random.default_rng(0).uniform(lo, hi, (20000, 3)) @ to_input[:3, :3].T + to_input[:3, 3]
     baseline = np.median(surface_distance(uniform))  # Points spread over the box: ~0.5.
     results = {}
-    for name in ['points', 'tsdf', 'density']:
+    for name in ['points', 'tsdf', 'density', 'density_auto']:
         p = _ply_points(exported / f'{name}.ply')
         d = surface_distance(p)
         results[name] = (len(p), float(np.median(d)), float(np.mean(d < .25)))
@@ -281,10 +323,14 @@ def test_end_to_end_export_quality(workdir, exported):  # noqa: F811
     p = _ply_points(exported / 'points.ply') @ scene.world_transform[:3, :3].T + scene.world_transform[:3, 3]
     results['normalized'] = (len(p), float(np.median(surface_distance(p))), 0.)
     print('export: (n, median distance, fraction within 0.25) =', results, 'uniform baseline', baseline)
-    # Seen at 300 steps: points 0.13 / 0.76, tsdf 0.21 / 0.54, density 0.14 / 0.72, normalised 0.34.
+    # Seen at 300 steps: points 0.13 / 0.76, tsdf 0.21 / 0.54, density 0.14 / 0.72, density_auto 0.12 / 0.81,
+    # normalised 0.34.
     assert results['points'][0] > 2000 and results['points'][1] < 0.2 and results['points'][1] < 0.4 * baseline
     assert results['tsdf'][0] > 2000 and results['tsdf'][1] < 0.3 and results['tsdf'][2] > 0.45
     assert results['density'][0] > 2000 and results['density'][1] < 0.25 and results['density'][2] > 0.6
+    # The default level (no --density_threshold), taken from the rendered surface.
+    assert results['density_auto'][0] > 2000 and results['density_auto'][1] < 0.2
+    assert results['density_auto'][2] > 0.7
     assert results['normalized'][1] > 0.28
     faces = plyfile.PlyData.read(str(exported / 'tsdf.ply'))['face']
     assert len(faces) > 1000

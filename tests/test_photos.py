@@ -69,13 +69,13 @@ def test_second_run_keeps_the_poses(journey, capsys):
 
 
 def test_errors_are_one_line(tmp_path, capsys):
-    assert photos.main([str(tmp_path)]) == 1
+    assert photos.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f'error: No photos in {tmp_path / "images"}: put your .jpg/.png photos in DIR/images and run '
                    'again.']
     os.makedirs(tmp_path / 'images')
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'images' / 'a.png')
-    assert photos.main([str(tmp_path), '--sfm', 'pycolmap']) == 1
+    assert photos.main([str(tmp_path), '--sfm', 'pycolmap']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: Found 1 images') and 'at least 2' in err[0]
 

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -254,6 +255,47 @@ def test_progressive_levels_and_weight_updates(trained):
         view.close()
 
 
+def test_disconnect_and_close_stop_a_render_mid_image(trained):
+    """A browser leaving mid-render gets nothing sent (viser would warn about a closed connection); closing the
+    viewer (Ctrl-C) abandons even a coarsest-level render after the chunk in flight instead of finishing it."""
+    root, _ = trained
+    config, model, step = _load(root, 'Config.viewer_max_resolution = 32', 'Config.render_chunk_size = 4')
+    scene = datasets.load_scene(config, 'train')
+    view = viewer.Viewer(model, config, scene, port=_free_port(), step=step)
+    wxyz, position = viewer.camtoworld_to_viser(scene.camtoworlds[0])
+    client = _FakeClient(_FakeCamera(wxyz, position, .8, 640, 480))
+    chunks, forward = [], view._model.forward  # pylint: disable=protected-access
+    try:
+        def leaving_forward(*args, **kwargs):
+            if not chunks:
+                view._on_disconnect(client)  # pylint: disable=protected-access
+            chunks.append(1)
+            return forward(*args, **kwargs)
+
+        view._model.forward = leaving_forward  # pylint: disable=protected-access
+        assert not view._serve(client) and client.sent == []  # pylint: disable=protected-access
+        while view._serve(client):  # Level 0 finished; it was not sent.  pylint: disable=protected-access
+            pass
+        assert client.sent == [((3, 4), 'jpeg'), ((6, 8), 'jpeg'), ((12, 16), 'jpeg'), ((24, 32), 'png')]
+
+        client.camera.position = position + .01
+        chunks.clear()
+
+        def closing_forward(*args, **kwargs):
+            if not chunks:
+                view._stop.set()  # pylint: disable=protected-access
+            chunks.append(1)
+            return forward(*args, **kwargs)
+
+        view._model.forward = closing_forward  # pylint: disable=protected-access
+        sent = len(client.sent)
+        view._serve(client)  # pylint: disable=protected-access
+        assert len(chunks) == 1 and len(client.sent) == sent  # Level 0 is 4 x 3 pixels: 3 chunks of 4.
+    finally:
+        del view._model.forward  # pylint: disable=protected-access
+        view.close()
+
+
 # -- In a browser. ---------------------------------------------------------------------------------------------
 
 class _Chromium:
@@ -361,8 +403,16 @@ def test_browser_shows_the_model_from_its_camera(trained):
         view.close()
 
 
-def test_view_command_serves_follows_and_stops(trained, tmp_path):
-    """python -m mipnerf360.view serves the page, loads a newer checkpoint when one appears, stops on SIGTERM."""
+def _close_before_handshake(url: str):
+    """A browser's pre-opened socket: connects and closes without sending a request."""
+    host, port = url.split('//')[1].split(':')
+    socket.create_connection((host, int(port)), timeout=10).close()
+
+
+@pytest.mark.parametrize('signum,code', [(signal.SIGTERM, common.EXIT_SIGTERM), (signal.SIGINT, common.EXIT_SIGINT)])
+def test_view_command_serves_follows_and_stops(trained, tmp_path, signum, code):
+    """python -m mipnerf360.view serves the page, loads a newer checkpoint when one appears, stops on SIGTERM and
+    Ctrl-C, and prints no traceback for a browser that disconnects before its handshake."""
     root, _ = trained
     ckpt = tmp_path / 'ckpt'
     shutil.copytree(root / 'ckpt', ckpt)
@@ -376,16 +426,58 @@ def test_view_command_serves_follows_and_stops(trained, tmp_path):
             rf'Viewer of .*checkpoint_0*{TRAIN_STEPS}\.pt \(step {TRAIN_STEPS}\) at (http://\S+);', line)
             for line in lines) if m), None)
         assert url is not None, proc.stderr.read() if proc.poll() is not None else 'no URL printed'
+        _close_before_handshake(url)  # Before any page is served (viser hides these only after one).
         assert '<html' in urllib.request.urlopen(url, timeout=30).read().decode().lower()
         state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(str(ckpt)))
         newer = checkpoints.save_checkpoint(str(ckpt), dict(state, step=2 * TRAIN_STEPS), 2 * TRAIN_STEPS)
         assert any(f'Loaded {newer} (step {2 * TRAIN_STEPS}).' in line for line in lines)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == common.EXIT_SIGTERM
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == code
+        err = proc.stderr.read()
+        assert 'Traceback' not in err and 'EOFError' not in err, err
+        assert err.strip().splitlines()[-1].startswith('Stopped ('), err
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _handshake_record(exc: BaseException, message: str = 'opening handshake failed') -> logging.LogRecord:
+    try:
+        raise exc
+    except BaseException:  # pylint: disable=broad-except
+        return logging.LogRecord('websockets.server', logging.ERROR, __file__, 0, message, (), sys.exc_info())
+
+
+def _raised_from(exc: BaseException, cause: BaseException) -> BaseException:
+    exc.__cause__ = cause
+    return exc
+
+
+@pytest.mark.skipif(not HAVE_VISER, reason=NO_VISER)
+def test_browser_disconnects_are_silent_and_real_errors_are_not(caplog):
+    """A connection closed before its handshake logs nothing; other handshake and handler errors stay."""
+    from websockets.exceptions import InvalidMessage
+    viewer.silence_browser_disconnects()
+    server = viser.ViserServer(host='127.0.0.1', port=_free_port(), verbose=False)
+    errors = lambda: [r for r in caplog.records if r.levelno >= logging.ERROR]  # noqa: E731
+    try:
+        with caplog.at_level(logging.ERROR, logger='websockets.server'):
+            _close_before_handshake(f'http://127.0.0.1:{server.get_port()}')
+            with socket.create_connection(('127.0.0.1', server.get_port()), timeout=10) as s:
+                s.sendall(b'GET / HTTP/1.1\r\n')  # Closed halfway through the headers.
+            time.sleep(.5)
+        assert not errors(), [r.getMessage() for r in errors()]
+    finally:
+        server.stop()
+    keep = viewer._BrowserDisconnectFilter().filter  # pylint: disable=protected-access
+    eof = _raised_from(InvalidMessage('did not receive a valid HTTP request'),
+                       EOFError('connection closed while reading HTTP request line'))
+    assert not keep(_handshake_record(eof))
+    assert keep(_handshake_record(_raised_from(InvalidMessage('did not receive a valid HTTP request'),
+                                               ValueError('invalid HTTP request line: NOT HTTP'))))
+    assert keep(_handshake_record(eof, 'connection handler failed'))
+    assert keep(_handshake_record(RuntimeError('boom')))
 
 
 def test_missing_viser_is_one_line_error(monkeypatch):

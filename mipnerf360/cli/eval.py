@@ -221,8 +221,6 @@ def evaluate_once(model, dataset, config, step: int, out_dir: str, writer=None, 
             if name not in non_finite:
                 writer.add_scalar(f'eval_metrics/{name}', summary[name], step)
         writer.add_scalar('eval_median_render_time', float(np.median(render_times)), step)
-    if metric_harness.lpips_message:
-        log(metric_harness.lpips_message)
     if non_finite:
         raise common.MetricsError(
             f'Step {step}: non-finite metrics ({", ".join(non_finite)}): the model renders NaN/Inf, so it has '

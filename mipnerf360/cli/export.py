@@ -6,7 +6,8 @@ of `Config.data_dir`) and writes a binary PLY:
       normals when the model predicts them; --voxel_size averages them per voxel.
   mesh: --method tsdf (default) fuses the training views' rendered depth into a TSDF grid over --bbox at
       --resolution voxels along its longest side, then marching cubes; --method density runs marching cubes on
-      the NeRF MLP's density at --density_threshold.
+      the NeRF MLP's density at --density_threshold (default: the density where a few training views' rays reach
+      an accumulated opacity of 0.5, see export.surface_density_level).
 --bbox and --voxel_size are in the model's normalised frame (default box: around the point the cameras look at);
 the result is written in the input data's frame (--frame input, e.g. COLMAP's) or the model's (--frame normalized).
 """
@@ -39,7 +40,9 @@ def define_flags():
     flags.DEFINE_enum('method', 'tsdf', list(export.METHODS), 'mesh: TSDF fusion of rendered depth, or '
                       'marching cubes on the MLP density.')
     flags.DEFINE_integer('resolution', 256, 'mesh: voxels along the longest side of the box.', lower_bound=2)
-    flags.DEFINE_float('density_threshold', 50., 'mesh --method density: the density iso-level.')
+    flags.DEFINE_float('density_threshold', None, 'mesh --method density: the density iso-level (default: the '
+                       'median density where the rays of %d training views reach an accumulated opacity of 0.5).'
+                       % export.AUTO_LEVEL_VIEWS)
     flags.DEFINE_enum('frame', 'input', list(export.FRAMES), "Frame of the output: the input data's own "
                       "(e.g. COLMAP's sparse/0) or the model's normalised one.")
     flags.DEFINE_integer('export_chunk', None, 'Voxels processed at once (default 2^20 for the TSDF, 2^16 for '
@@ -102,10 +105,17 @@ def main(argv):
     print(f'Exporting {mode} from step {step}; box {export.format_bbox(bbox)} (normalised frame).', flush=True)
     transform = export.frame_transform(scene.world_transform, f.frame)
     chunk = {} if f.export_chunk is None else {'chunk': f.export_chunk}
+    sampler = datasets.RaySampler(scene, config, device)
     if mode == 'mesh' and f.method == 'density':
-        mesh = export.mesh_from_density(model.nerf_mlp, bbox, f.resolution, f.density_threshold, **chunk)
+        level = f.density_threshold
+        if level is None:
+            views = export.render_views(model, sampler, config, train_frac,
+                                        indices=export.auto_level_views(sampler.size))
+            level = export.surface_density_level(model.nerf_mlp, views, grid.h, f.min_acc, bbox, **chunk)
+            print(f'Density level {level:.4g} (median density where the rendered opacity reaches 0.5; set '
+                  '--density_threshold to override).', flush=True)
+        mesh = export.mesh_from_density(model.nerf_mlp, bbox, f.resolution, level, **chunk)
     else:
-        sampler = datasets.RaySampler(scene, config, device)
         views = export.render_views(model, sampler, config, train_frac)
         if mode == 'pointcloud':
             cloud = export.point_cloud(views, f.min_acc, bbox, f.voxel_size or None)

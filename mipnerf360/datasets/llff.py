@@ -88,6 +88,10 @@ def load_llff_posedata(data_dir: str) -> PoseData:
         return [os.path.basename(n) for n in names], poses, pixtocams, dist, camtype, sizes
     if os.path.isfile(os.path.join(data_dir, 'poses_bounds.npy')):
         return _load_poses_bounds_posedata(data_dir)
+    if os.path.isfile(os.path.join(data_dir, 'transforms_train.json')):
+        raise DatasetNotFoundError(f'{data_dir} is a Blender scene (transforms_train.json), but Config.dataset_loader '
+                                   "is 'llff' (COLMAP / LLFF layouts); use --gin_configs=configs/blender_256.gin, or "
+                                   "add --gin_bindings=\"Config.dataset_loader = 'blender'\".")
     raise DatasetNotFoundError(f'No cameras in {data_dir}: expected sparse/0 (COLMAP), transforms.json '
                                'or poses_bounds.npy; run `python -m mipnerf360.colmap DATA_DIR` or '
                                'scripts/local_colmap_and_resize.sh DATA_DIR first.')
