@@ -344,6 +344,27 @@ def require_checkpoint(config: configs.Config) -> str:
     return path
 
 
+def state_dict_mismatch(e: RuntimeError) -> str:
+    """The first problem in torch's `load_state_dict` error, short: 'nerf_mlp.x.weight is [64, 96] in the
+    checkpoint, [1024, 96] in this model', or the missing / unexpected parameters (the first few named)."""
+    problems = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+    for line in problems:
+        m = re.match(r'size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from '
+                     r'checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)', line)
+        if m:
+            more = len([ln for ln in problems if ln.startswith('size mismatch')]) - 1
+            return (f'{m.group(1)} is {m.group(2)} in the checkpoint, {m.group(3)} in this model'
+                    + (f'; {more} more shapes differ' if more else ''))
+    for line in problems:
+        m = re.match(r'(Missing|Unexpected) key\(s\) in state_dict: (.*)', line)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(2))
+            where = 'missing from the checkpoint' if m.group(1) == 'Missing' else 'not in this model'
+            shown = ', '.join(keys[:3]) + (f' and {len(keys) - 3} more' if len(keys) > 3 else '')
+            return f'{len(keys)} parameter(s) {where}: {shown}'
+    return one_line(e)
+
+
 def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.device,
                   required: bool = True, path: Optional[str] = None,
                   train_state=None) -> int:
@@ -372,7 +393,7 @@ def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.
         model.load_state_dict(state['model'])
     except RuntimeError as e:
         raise checkpoints.CheckpointError(
-            f'Checkpoint {path} does not match this model ({str(e).splitlines()[0]}); use the gin configs it was '
+            f'Checkpoint {path} does not match this model ({state_dict_mismatch(e)}); use the gin configs it was '
             'trained with (see config.gin next to it).') from None
     if train_state is not None:
         if 'optimizer' not in state:
