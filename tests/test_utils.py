@@ -51,3 +51,11 @@ def test_eval_metric_quantisation_is_unchanged(dtype):
     got = eval_cli._quantize_8bit(img)  # pylint: disable=protected-access
     assert got.dtype == previous.dtype == dtype
     np.testing.assert_array_equal(got, previous)  # NaN where previous has NaN.
+
+
+def test_to_uint8_of_float16_is_the_nearest_level():
+    """Every float16 value in [0, 1] gets the level nearest to its exact value * 255 (float16 arithmetic would
+    round v * 255 to a multiple of 1/16 or 1/8 first and land on the wrong side of .5 for some values)."""
+    v = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    v = v[(v >= 0) & (v <= 1)]
+    np.testing.assert_array_equal(utils.to_uint8(v), np.round(v.astype(np.float64) * 255))
