@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -157,7 +158,10 @@ def _wait_for_step(proc: subprocess.Popen, module: str) -> int:
 
 
 def _start_step(cmd: Sequence[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    # Off the main thread `_wait_for_step` cannot pass signals on, so the step stays in photos' process group
+    # and gets a terminal's Ctrl-C directly.
+    own_session = threading.current_thread() is threading.main_thread()
+    return subprocess.Popen(cmd, cwd=REPO, start_new_session=own_session)
 
 
 def _run_step(title: str, module: str, flags: Sequence[str]):
