@@ -122,3 +122,35 @@ def test_a_step_run_from_another_thread_still_gets_the_terminals_ctrl_c(tmp_path
         proc.communicate(timeout=20)
     finally:
         _kill_what_is_left(proc, ready)
+
+
+SIGNAL_WHILE_STARTING = PHOTOS.replace('sys.exit(', r'''import os, signal, time
+start = photos._start_step
+def start_then_interrupt(cmd):  # Ctrl-C right after the step started, before photos waits for it.
+    proc = start(cmd)
+    while not (os.path.exists(marker + '.ready') and open(marker + '.ready').read()):
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGINT)
+    return proc
+photos._start_step = start_then_interrupt
+sys.exit(''')
+
+
+def test_a_signal_while_the_step_starts_is_passed_on(tmp_path):
+    """photos' handlers are in place before the step starts: a Ctrl-C that comes as it starts still reaches it
+    (once), instead of stopping photos with a traceback and leaving the step running in its own session."""
+    scene = tmp_path / 'scene'
+    synthetic.write_colmap_scene(str(scene), n_views=3, width=32, height=24, factors=(2,), seed=0,
+                                 write_points=False)
+    marker, ready = tmp_path / 'step_done', tmp_path / 'step_done.ready'
+    proc = subprocess.Popen([sys.executable, '-c', SIGNAL_WHILE_STARTING, STEP, str(marker), str(scene),
+                             str(tmp_path / 'out')], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+        step_finished = marker.exists()
+    finally:
+        _kill_what_is_left(proc, ready)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert step_finished and marker.read_text() == 'SIGINT 1'
+    assert stderr.strip().startswith('Stopped (SIGINT) during `python -m train`'), stderr
