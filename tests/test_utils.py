@@ -59,3 +59,13 @@ def test_to_uint8_of_float16_is_the_nearest_level():
     v = np.arange(2**16, dtype=np.uint16).view(np.float16)
     v = v[(v >= 0) & (v <= 1)]
     np.testing.assert_array_equal(utils.to_uint8(v), np.round(v.astype(np.float64) * 255))
+
+
+def test_to_uint8_keeps_8_bit_images_and_maps_masks_to_0_and_255(tmp_path):
+    """An image already in 8 bits is returned as it is (it used to be read as values in [0, 1], so every level
+    above 0 became 255), also by save_img_u8; a bool mask gives 0 / 255."""
+    k = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.testing.assert_array_equal(utils.to_uint8(k), k)
+    utils.save_img_u8(k, str(tmp_path / 'k.png'))
+    np.testing.assert_array_equal(utils.load_img(str(tmp_path / 'k.png')), k)
+    np.testing.assert_array_equal(utils.to_uint8(np.array([True, False])), [255, 0])
