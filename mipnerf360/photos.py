@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -127,18 +128,26 @@ def _step_command(module: str, flags: Sequence[str]) -> List[str]:
     return [sys.executable, '-m', module] + list(flags) + ['--logtostderr']
 
 
-def _wait_for_step(proc: subprocess.Popen, module: str) -> int:
-    """The step's exit status, waiting for it also when photos is interrupted. The step runs in its own session
-    (`_start_step`), so a terminal's Ctrl-C reaches photos only and photos passes every SIGINT / SIGTERM on:
-    the step gets each signal exactly once, whether it was sent to photos or to its process group (train
-    finishes its step, saves a checkpoint and exits; a second Ctrl-C stops it at once). A hang-up (the terminal
-    closed), which the step's own session would not see, is passed on as SIGTERM. Raises StepStopped once the
-    step has exited."""
+def _wait_for_step(cmd: Sequence[str], module: str) -> int:
+    """Starts the step and returns its exit status, waiting for it also when photos is interrupted. The step runs
+    in its own session (`_start_step`), so a terminal's Ctrl-C reaches photos only and photos passes every SIGINT /
+    SIGTERM on (also one that comes while the step starts): the step gets each signal exactly once, whether it was
+    sent to photos or to its process group (train finishes its step, saves a checkpoint and exits; a second Ctrl-C
+    stops it at once). A hang-up (the terminal closed), which the step's own session would not see, is passed on
+    as SIGTERM. Raises StepStopped once the step has exited."""
     received: List[int] = []
+    started: List[subprocess.Popen] = []
+    pending: List[int] = []  # Signals that came while the step was starting.
+
+    def pass_on(signum):
+        started[0].send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     def on_signal(signum, frame):  # pylint: disable=unused-argument
         received.append(signum)
-        proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        if started:
+            pass_on(signum)
+        else:
+            pending.append(signum)
 
     previous = {}
     try:
@@ -147,7 +156,10 @@ def _wait_for_step(proc: subprocess.Popen, module: str) -> int:
     except ValueError:  # Not the main thread: signals stay with the caller.
         pass
     try:
-        returncode = proc.wait()
+        started.append(_start_step(cmd))  # With the handlers in place: no signal is lost while it starts.
+        while pending:
+            pass_on(pending.pop(0))
+        returncode = started[0].wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -157,14 +169,17 @@ def _wait_for_step(proc: subprocess.Popen, module: str) -> int:
 
 
 def _start_step(cmd: Sequence[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    # Off the main thread `_wait_for_step` cannot pass signals on, so the step stays in photos' process group
+    # and gets a terminal's Ctrl-C directly.
+    own_session = threading.current_thread() is threading.main_thread()
+    return subprocess.Popen(cmd, cwd=REPO, start_new_session=own_session)
 
 
 def _run_step(title: str, module: str, flags: Sequence[str]):
     cmd = _step_command(module, flags)
     print(f'\n== {title}\n$ ' + ' '.join(_shell_word(c) for c in ['python'] + cmd[1:]), flush=True)
     t0 = time.time()
-    returncode = _wait_for_step(_start_step(cmd), module)
+    returncode = _wait_for_step(cmd, module)
     if returncode != 0:
         raise PhotosError(f'`python -m {module}` failed (exit {returncode}); see its output above. Fix what '
                           'it says and run this command again (training resumes from the last checkpoint).')

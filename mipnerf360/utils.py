@@ -202,11 +202,16 @@ def save_text(pth: str, text: str):
 
 def to_uint8(img: Any) -> np.ndarray:
     """The 8-bit image of `img` (values in [0, 1]): round-to-nearest of clip(nan_to_num(img), 0, 1) * 255, computed
-    in the image's own float precision. The one conversion used for PNGs, videos, exports, the viewer and eval's
-    quantised metrics, so a saved PNG is exactly the image the metrics were computed on."""
+    in the image's own float precision (float16 in float32, where v * 255 is exact). The one conversion used for
+    PNGs, videos, exports, the viewer and eval's quantised metrics, so a saved PNG is exactly the image the metrics
+    were computed on. An image already in 8 bits is returned as it is."""
     img = np.asarray(img)
+    if img.dtype == np.uint8:
+        return img
     if img.dtype.kind != 'f':
         img = img.astype(np.float64)
+    elif img.dtype.itemsize < 4:
+        img = img.astype(np.float32)
     return np.round(np.clip(np.nan_to_num(img), 0., 1.) * 255.).astype(np.uint8)
 
 

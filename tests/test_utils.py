@@ -51,3 +51,21 @@ def test_eval_metric_quantisation_is_unchanged(dtype):
     got = eval_cli._quantize_8bit(img)  # pylint: disable=protected-access
     assert got.dtype == previous.dtype == dtype
     np.testing.assert_array_equal(got, previous)  # NaN where previous has NaN.
+
+
+def test_to_uint8_of_float16_is_the_nearest_level():
+    """Every float16 value in [0, 1] gets the level nearest to its exact value * 255 (float16 arithmetic would
+    round v * 255 to a multiple of 1/16 or 1/8 first and land on the wrong side of .5 for some values)."""
+    v = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    v = v[(v >= 0) & (v <= 1)]
+    np.testing.assert_array_equal(utils.to_uint8(v), np.round(v.astype(np.float64) * 255))
+
+
+def test_to_uint8_keeps_8_bit_images_and_maps_masks_to_0_and_255(tmp_path):
+    """An image already in 8 bits is returned as it is (it used to be read as values in [0, 1], so every level
+    above 0 became 255), also by save_img_u8; a bool mask gives 0 / 255."""
+    k = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.testing.assert_array_equal(utils.to_uint8(k), k)
+    utils.save_img_u8(k, str(tmp_path / 'k.png'))
+    np.testing.assert_array_equal(utils.load_img(str(tmp_path / 'k.png')), k)
+    np.testing.assert_array_equal(utils.to_uint8(np.array([True, False])), [255, 0])
