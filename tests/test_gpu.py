@@ -18,7 +18,9 @@ from test_models import _random_rays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
+# Each test sets the TF32 flags (bf16 turns TF32 on); left set, they would loosen the later CUDA-vs-CPU tests.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA'),
+              pytest.mark.usefixtures('keep_matmul_precision')]
 
 
 def _model_360(precision: str) -> models.Model:
