@@ -87,7 +87,14 @@ step() {
   tail -n 1 "$LOG"
 }
 
-step "pytest -m gpu" 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+# tests/test_gpu.py last: its short trainings (one of them on the CPU, minutes on few cores) are the slowest, so
+# a timeout there still leaves the other files' results; -v logs the name of each test as it finishes.
+TESTS=()
+for f in tests/test_*.py; do
+  [ "$f" = tests/test_gpu.py ] || TESTS+=("$f")
+done
+step "pytest -m gpu" 150 "$PY" -m pytest -v -m gpu -p no:cacheprovider --continue-on-collection-errors \
+  "${TESTS[@]}" tests/test_gpu.py
 bench_train() {  # label, then extra flags
   local label=$1
   shift
