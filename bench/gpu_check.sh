@@ -20,7 +20,9 @@ JSON="$OUT/gpu_check.jsonl"
 TABLE="$OUT/gpu_check.txt"
 : >"$LOG"
 : >"$JSON"
-BUDGET=${BUDGET:-470}  # Seconds for the whole check; a step that would start with too little left is skipped.
+# Seconds for the whole check (each step's timeout, its 10 s kill grace included, ends within it); a step that
+# would start with too little left is skipped.
+BUDGET=${BUDGET:-470}
 STATUS=()
 
 # Missing packages, from the carried wheels (module name : wheel name prefix).
@@ -41,8 +43,8 @@ for pair in gin:gin_config imageio_ffmpeg:imageio_ffmpeg tqdm:tqdm PIL:pillow py
     fi
   fi
 done
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device',
-  torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')" | tee -a "$LOG"
+timeout 60 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device',
+  torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')" 2>&1 | tee -a "$LOG"
 
 if [ -n "${CPU:-}" ]; then
   DEVICE=cpu
@@ -68,7 +70,7 @@ fi
 step() {
   local name=$1 limit=$(($2 * LIMIT_SCALE))
   shift 2
-  local left=$((BUDGET - SECONDS))
+  local left=$((BUDGET - SECONDS - 10))
   if [ "$left" -lt 20 ]; then
     STATUS+=("$name: skipped (budget spent)")
     return
@@ -85,7 +87,14 @@ step() {
   tail -n 1 "$LOG"
 }
 
-step "pytest -m gpu" 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+# tests/test_gpu.py last: its short trainings (one of them on the CPU, minutes on few cores) are the slowest, so
+# a timeout there still leaves the other files' results; -v logs the name of each test as it finishes.
+TESTS=()
+for f in tests/test_*.py; do
+  [ "$f" = tests/test_gpu.py ] || TESTS+=("$f")
+done
+step "pytest -m gpu" 150 "$PY" -m pytest -v -m gpu -p no:cacheprovider --continue-on-collection-errors \
+  "${TESTS[@]}" tests/test_gpu.py
 bench_train() {  # label, then extra flags
   local label=$1
   shift
@@ -106,9 +115,12 @@ step "render 1 MP" 90 "$PY" bench/bench_render.py --gin_configs configs/360.gin 
 
 "$PY" - "$JSON" "$TABLE" "${STATUS[@]}" <<'EOF'
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 out = ['| bench | mode | flags | batch / size | ms | rays/s | peak MiB |', '|---|---|---|---|---|---|---|']
-for r in rows:
+for line in open(sys.argv[1]):
+    try:  # A step killed by its timeout may have left half a line.
+        r = json.loads(line)
+    except ValueError:
+        continue
     out.append(f"| {r['bench']} {r['config']} | {r['label']} | {r['flags']} | {r.get('batch', r.get('size'))} | "
                f"{r['ms']:.1f} | {r['rays_per_s']:.0f} | {r['peak_mib']:.0f} |")
 out += ['', 'steps:'] + [f'- {s}' for s in sys.argv[3:]]

@@ -1,8 +1,9 @@
-"""Generated scenes shared by the dataset tests (test_scene.py, test_sampler.py), and a gin reset between test
-modules."""
+"""Generated scenes shared by the dataset tests (test_scene.py, test_sampler.py), a gin reset between test
+modules, and `keep_matmul_precision` (restores the process-level TF32 settings after a test)."""
 
 import gin
 import pytest
+import torch
 
 from mipnerf360 import synthetic
 from scenes import N_VIEWS
@@ -29,3 +30,14 @@ def _no_gin_state_across_modules():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+@pytest.fixture
+def keep_matmul_precision():
+    """Restores the process-level float32 matmul settings (`models.apply_precision` sets them) after the test, so
+    that a test leaving TF32 on does not loosen the CUDA-vs-CPU comparisons of the tests after it."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.set_float32_matmul_precision(saved[2])

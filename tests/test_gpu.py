@@ -18,7 +18,9 @@ from test_models import _random_rays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
+# Each test sets the TF32 flags (bf16 turns TF32 on); left set, they would loosen the later CUDA-vs-CPU tests.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA'),
+              pytest.mark.usefixtures('keep_matmul_precision')]
 
 
 def _model_360(precision: str) -> models.Model:
@@ -32,25 +34,43 @@ def _model_360(precision: str) -> models.Model:
         gin.clear_config()
 
 
+def _rgb_and_grads(model: models.Model, rays: utils.Rays, target: torch.Tensor, device: str, dtype: torch.dtype):
+    """`model`'s final-level rgb for `rays`, computed on `device` in `dtype`, and the gradients of its mean squared
+    error to `target` (the parameters that get one), both float64 on the CPU."""
+    model.to(device=device, dtype=dtype)
+    models.apply_precision('fp32', device)
+    model.zero_grad(set_to_none=True)
+    cast = lambda v: v.to(device, dtype) if v.is_floating_point() else v.to(device)  # noqa: E731
+    renderings, _ = model(None, utils.tree_map(cast, rays), train_frac=0.5, compute_extras=False)
+    rgb = renderings[-1]['rgb']
+    (rgb - target.to(device, dtype)).square().mean().backward()
+    grads = {k: p.grad.double().cpu() for k, p in model.named_parameters() if p.grad is not None}
+    return rgb.detach().double().cpu(), grads
+
+
 def test_360_forward_and_gradients_on_cuda_match_cpu():
     model = _model_360('fp32')
     assert sum(p.numel() for p in model.parameters()) == 9_007_493
     rays = _random_rays(256, dtype=torch.float32)
     target = torch.rand(256, 3, generator=torch.Generator().manual_seed(1))
-    results = []
-    for device in ('cpu', 'cuda'):
-        model.to(device)
-        models.apply_precision('fp32', device)
-        model.zero_grad(set_to_none=True)
-        renderings, _ = model(None, rays.to(device), train_frac=0.5, compute_extras=False)
-        rgb = renderings[-1]['rgb']
-        (rgb - target.to(device)).square().mean().backward()
-        results.append((rgb.detach().cpu(), {k: p.grad.cpu() for k, p in model.named_parameters()}))
-    (rgb_cpu, grads_cpu), (rgb_cuda, grads_cuda) = results
+    _, grads_f64 = _rgb_and_grads(model, rays, target, 'cpu', torch.float64)
+    rgb_cpu, grads_cpu = _rgb_and_grads(model, rays, target, 'cpu', torch.float32)
+    rgb_cuda, grads_cuda = _rgb_and_grads(model, rays, target, 'cuda', torch.float32)
     torch.testing.assert_close(rgb_cuda, rgb_cpu, rtol=1e-4, atol=1e-5)
+    # The sampled distances carry no gradient, so the final level's colour reaches only the NeRF MLP.
+    nerf_params = {k for k, _ in model.named_parameters() if k.startswith('nerf_mlp.')}
+    assert set(grads_cuda) == set(grads_cpu) == set(grads_f64) == nerf_params
+
+    def rel_err(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
     for k, g in grads_cpu.items():
-        err = float((grads_cuda[k] - g).norm() / g.norm().clamp_min(1e-30))
-        assert err < 1e-3, (k, err)
+        # In float32 the first layers' gradients are only good to a few 1e-3 on any device (the encoding's
+        # frequencies up to 2^11 magnify the rounding of the sample positions): there the bound is the CPU's own
+        # error against float64.
+        cpu_err = rel_err(g, grads_f64[k])
+        err = rel_err(grads_cuda[k], g)
+        assert err < max(1e-3, 3 * cpu_err), (k, err, cpu_err)
 
 
 def _view_rays(pose: np.ndarray, width: int, height: int, config):

@@ -90,22 +90,16 @@ def test_bf16_gradients_finite_and_training_decreases_loss_like_fp32():
     assert bf16[-1] == pytest.approx(fp32[-1], rel=0.1)
 
 
-def test_resolve_and_apply_precision():
+def test_resolve_and_apply_precision(keep_matmul_precision):
     assert models.resolve_precision(None, 'cpu') == 'fp32'
     assert models.resolve_precision(None, 'cuda') == 'tf32'
     assert models.resolve_precision('bf16', 'cpu') == 'bf16'
     with pytest.raises(configs.ConfigError, match='Config.precision'):
         models.resolve_precision('half', 'cpu')
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    try:
-        assert models.apply_precision('tf32', 'cpu') == 'tf32'
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == 'high'
-        assert models.apply_precision(None, 'cuda') == 'tf32' and torch.backends.cuda.matmul.allow_tf32
-        assert models.apply_precision(None, 'cpu') == 'fp32'
-        assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == 'highest'
-        assert models.apply_precision('bf16', 'cuda') == 'bf16' and torch.backends.cuda.matmul.allow_tf32
-        assert models.apply_precision('fp32', 'cuda') == 'fp32' and not torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
+    assert models.apply_precision('tf32', 'cpu') == 'tf32'
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == 'high'
+    assert models.apply_precision(None, 'cuda') == 'tf32' and torch.backends.cuda.matmul.allow_tf32
+    assert models.apply_precision(None, 'cpu') == 'fp32'
+    assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == 'highest'
+    assert models.apply_precision('bf16', 'cuda') == 'bf16' and torch.backends.cuda.matmul.allow_tf32
+    assert models.apply_precision('fp32', 'cuda') == 'fp32' and not torch.backends.cudnn.allow_tf32
