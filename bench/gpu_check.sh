@@ -87,7 +87,7 @@ step() {
   tail -n 1 "$LOG"
 }
 
-# tests/test_gpu.py last: its short trainings (one of them on the CPU, minutes on few cores) are the slowest, so
+# tests/test_gpu.py last: its short trainings (one of them on the CPU, ~2 min on 2 cores) are the slowest, so
 # a timeout there still leaves the other files' results; -v logs the name of each test as it finishes.
 TESTS=()
 for f in tests/test_*.py; do
