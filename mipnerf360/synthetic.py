@@ -156,6 +156,23 @@ def _intersect_box(o, d, lo, hi):
     return np.where(hit, t_enter, np.inf), normal
 
 
+def _nearest_sphere_or_box(o: np.ndarray, d: np.ndarray, spheres, box
+                           ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest hit of rays `[n, 3]` with `spheres` ((centre, radius, colour), ...) and the `box`: t `[n]` (inf
+    where missed), object index `[n]` (-1 none, i a sphere, len(spheres) the box) and the box's outward normal
+    `[n, 3]` where the box is the nearest hit (zero elsewhere)."""
+    best_t, kind, box_normal = np.full(len(o), np.inf), np.full(len(o), -1), np.zeros((len(o), 3))
+    for i, (c, r, _) in enumerate(spheres):
+        t = _intersect_sphere(o, d, c, r)
+        upd = t < best_t
+        best_t[upd], kind[upd] = t[upd], i
+    t, normal = _intersect_box(o, d, *box)
+    upd = t < best_t
+    best_t[upd], kind[upd] = t[upd], len(spheres)
+    box_normal[upd] = normal[upd]
+    return best_t, kind, box_normal
+
+
 def trace(origins: np.ndarray, directions: np.ndarray, ground: bool = True,
           background: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ray-traces the scene.
@@ -170,17 +187,8 @@ def trace(origins: np.ndarray, directions: np.ndarray, ground: bool = True,
     o = np.asarray(origins, np.float64)
     d = np.asarray(directions, np.float64)
     n = o.shape[0]
-    best_t = np.full(n, np.inf)
-    kind = np.full(n, -1)  # -1 nothing, 0..2 spheres, 3 box, 4 ground, 5 background.
-    box_normal = np.zeros((n, 3))
-    for i, (c, r, _) in enumerate(SPHERES):
-        t = _intersect_sphere(o, d, c, r)
-        upd = t < best_t
-        best_t[upd], kind[upd] = t[upd], i
-    t, nrm = _intersect_box(o, d, *BOX)
-    upd = t < best_t
-    best_t[upd], kind[upd] = t[upd], 3
-    box_normal[upd] = nrm[upd]
+    # kind: -1 nothing, 0..2 spheres, 3 box, 4 ground, 5 background.
+    best_t, kind, box_normal = _nearest_sphere_or_box(o, d, SPHERES, BOX)
     if ground:
         with np.errstate(divide='ignore', invalid='ignore'):
             t = -o[:, 2] / d[:, 2]
@@ -797,14 +805,7 @@ GLOSSY_ALBEDO = np.array([0.75, 0.18, 0.12])
 def _shiny_hits(o: np.ndarray, d: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest hit of rays `[n, 3]` with the shiny objects: t `[n]` (inf where missed), object index `[n]`
     (-1 none, i < len(SHINY_SPHERES) a sphere, len(SHINY_SPHERES) the box) and unit outward normals `[n, 3]`."""
-    best_t, kind = np.full(len(o), np.inf), np.full(len(o), -1)
-    for i, (c, r, _) in enumerate(SHINY_SPHERES):
-        t = _intersect_sphere(o, d, c, r)
-        upd = t < best_t
-        best_t[upd], kind[upd] = t[upd], i
-    t, normal = _intersect_box(o, d, *SHINY_BOX)
-    upd = t < best_t
-    best_t[upd], kind[upd] = t[upd], len(SHINY_SPHERES)
+    best_t, kind, normal = _nearest_sphere_or_box(o, d, SHINY_SPHERES, SHINY_BOX)
     p = o + np.where(np.isfinite(best_t), best_t, 0.)[:, None] * d
     for i, (c, r, _) in enumerate(SHINY_SPHERES):
         m = kind == i

@@ -50,14 +50,20 @@ NerfMLP.basis_subdivisions = 1
 """
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp('faults')
+def write_tiny_scene(root, gin_text: str = TINY_GIN):
+    """A 9-view 32x24 COLMAP scene in `root`/scene and `gin_text` in `root`/tiny.gin; (scene, gin file)."""
     scene = root / 'scene'
     synthetic.write_colmap_scene(str(scene), n_views=9, width=32, height=24, factors=(2,), seed=0,
                                  write_points=False)
     gin_file = root / 'tiny.gin'
-    gin_file.write_text(TINY_GIN)
+    gin_file.write_text(gin_text)
+    return scene, gin_file
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp('faults')
+    scene, gin_file = write_tiny_scene(root)
     ckpt = root / 'exp' / 'ckpt'
     gin.clear_config()
     configs.parse_gin([str(gin_file)], [])

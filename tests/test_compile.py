@@ -39,19 +39,23 @@ def _train_forward(model, rays, seed, train_frac):
     return model(torch.Generator().manual_seed(seed), rays, train_frac, compute_extras=False, zero_glo=False)
 
 
+def explain_render_rays(model, n: int = 6, train: bool = True):
+    """torch._dynamo.explain of `model.render_rays` on `n` random rays: training (pre-drawn noise, no extras) or
+    eval (no noise, extras); resets dynamo afterwards."""
+    rays = _random_rays(n, dtype=torch.float32)
+    noise = model.draw_noise(torch.Generator().manual_seed(0), (n,), torch.float32, torch.device('cpu'))
+    frac = torch.tensor(0.3, dtype=torch.float64)
+    args = (noise, rays, frac, False, False) if train else (None, rays, frac, True, True)
+    explained = torch._dynamo.explain(model.render_rays)(*args)
+    torch._dynamo.reset()
+    return explained
+
+
 def test_training_and_eval_forward_have_no_graph_breaks():
     model = _tiny_model()
-    rays = _random_rays(6, dtype=torch.float32)
-    noise = model.draw_noise(torch.Generator().manual_seed(0), (6,), torch.float32, torch.device('cpu'))
-    frac = torch.tensor(0.3, dtype=torch.float64)
-    train = torch._dynamo.explain(model.render_rays)(noise, rays, frac, False, False)
-    assert train.graph_break_count == 0 and train.graph_count == 1, train.break_reasons
-    torch._dynamo.reset()
-    evaluation = torch._dynamo.explain(model.render_rays)(None, rays, frac, True, True)
-    assert evaluation.graph_break_count == 0 and evaluation.graph_count == 1, evaluation.break_reasons
-    torch._dynamo.reset()
-    bf16 = torch._dynamo.explain(model.set_precision('bf16').render_rays)(noise, rays, frac, False, False)
-    assert bf16.graph_break_count == 0 and bf16.graph_count == 1, bf16.break_reasons
+    for explained in (explain_render_rays(model), explain_render_rays(model, train=False),
+                      explain_render_rays(model.set_precision('bf16'))):
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
 def test_predrawn_noise_reproduces_generator_draws():

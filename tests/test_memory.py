@@ -176,17 +176,14 @@ def test_out_of_memory_is_one_line_naming_the_settings(capsys):
 
 def test_checkpointed_model_compiles_whole_with_the_same_gradients():
     import torch._dynamo
-    from test_compile import _tiny_model as _compile_model
+    from test_compile import _tiny_model as _compile_model, explain_render_rays
     torch._dynamo.reset()
     try:
         model = _compile_model()
         model.nerf_mlp.checkpoint_trunk = True
-        rays = _random_rays(6, dtype=torch.float32)
-        noise = model.draw_noise(torch.Generator().manual_seed(0), (6,), torch.float32, torch.device('cpu'))
-        frac = torch.tensor(0.3, dtype=torch.float64)
-        explained = torch._dynamo.explain(model.render_rays)(noise, rays, frac, False, False)
+        explained = explain_render_rays(model)
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-        torch._dynamo.reset()
+        rays = _random_rays(6, dtype=torch.float32)
         grads = []
         for compiled in (False, True):
             if compiled:

@@ -14,7 +14,7 @@ import gin
 import numpy as np
 import pytest
 
-from mipnerf360 import camera_utils, configs, datasets, raw_utils, synthetic
+from mipnerf360 import camera_utils, configs, datasets, raw_utils
 from mipnerf360.cli import common
 from mipnerf360.cli import train as train_cli
 import test_cli_faults
@@ -36,11 +36,7 @@ def _clear_gin():
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('user_errors')
-    scene = root / 'scene'
-    synthetic.write_colmap_scene(str(scene), n_views=9, width=32, height=24, factors=(2,), seed=0,
-                                 write_points=False)
-    gin_file = root / 'tiny.gin'
-    gin_file.write_text(TINY_GIN)
+    scene, gin_file = test_cli_faults.write_tiny_scene(root, TINY_GIN)
     return root, str(gin_file), scene
 
 
