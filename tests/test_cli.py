@@ -101,23 +101,16 @@ def _in_process(module, argv):
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('cli')
-    scene = root / 'scene'
-    synthetic.write_colmap_scene(str(scene), n_views=16, width=64, height=48, factors=(2,), seed=0)
-    gin_file = root / 'tiny.gin'
-    gin_file.write_text(TINY_GIN.format(steps=TRAIN_STEPS))
-    return root
+def workdir(tiny_360_run):
+    """The folder of the session's tiny run (conftest.tiny_360_run): scene/, tiny.gin, exp/ckpt."""
+    return tiny_360_run.root
 
 
 @pytest.fixture(scope='module')
-def trained(workdir):
-    """train -> eval -> render with the standard commands; returns (ckpt_dir, outputs)."""
-    ckpt = workdir / 'exp' / 'ckpt'
-    gin_file, scene = str(workdir / 'tiny.gin'), str(workdir / 'scene')
-    t0 = time.time()
-    train = _cli('train', gin_file, scene, str(ckpt))
-    _check_ok(train)
+def trained(tiny_360_run):
+    """train (conftest.tiny_360_run) -> eval -> render with the standard commands; returns (ckpt_dir, outputs)."""
+    ckpt, train = tiny_360_run.ckpt, tiny_360_run.train
+    gin_file, scene = str(tiny_360_run.root / 'tiny.gin'), str(tiny_360_run.root / 'scene')
     t1 = time.time()
     ev = _cli('eval', gin_file, scene, str(ckpt))
     _check_ok(ev)
@@ -125,7 +118,7 @@ def trained(workdir):
     render = _cli('render', gin_file, scene, str(ckpt), 'Config.render_path = True',
                   'Config.render_path_frames = 4')
     _check_ok(render)
-    times = {'train': t1 - t0, 'eval': t2 - t1, 'render': time.time() - t2}
+    times = {'train': tiny_360_run.seconds, 'eval': t2 - t1, 'render': time.time() - t2}
     print('end-to-end times (s):', {k: round(v, 1) for k, v in times.items()})
     return ckpt, {'train': train, 'eval': ev, 'render': render}
 

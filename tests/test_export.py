@@ -7,8 +7,9 @@ surface, so every check is a distance to it:
   with outward normals; marching cubes on an analytic density finds its level set;
 - the frame mapping: a scene loaded through the COLMAP loader (PCA-aligned and scaled) exports in the COLMAP
   frame onto the true surface, and the default box holds the scene's centre;
-- end to end: `python -m train` on the tiny config of test_cli, then `python -m mipnerf360.export pointcloud`
-  and `mesh` (TSDF and density) land near the true surface, far closer than points spread over the box;
+- end to end: on test_cli's tiny model (`python -m train`, trained once for both files: conftest.tiny_360_run),
+  `python -m mipnerf360.export pointcloud` and `mesh` (TSDF and density) land near the true surface, far closer
+  than points spread over the box;
 - the PLY files read back with plyfile, bad inputs give one `error:` line.
 """
 
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from mipnerf360 import configs, datasets, export, synthetic
-from test_cli import REPO, _check_ok, _cli, _env, _flags, _in_process, workdir  # noqa: F401  (workdir: fixture)
+from test_cli import REPO, _check_ok, _env, _flags, _in_process, workdir  # noqa: F401  (workdir: fixture)
 
 plyfile = pytest.importorskip('plyfile')
 pytest.importorskip('skimage')
@@ -284,13 +285,12 @@ def _ply_points(path):
 
 
 @pytest.fixture(scope='module')
-def exported(workdir):  # noqa: F811
-    """Trains the tiny model of test_cli (300 steps), then exports a point cloud and a TSDF mesh with the command
-    (two processes at once) and a density mesh in this process."""
+def exported(workdir, tmp_path_factory):  # noqa: F811
+    """On test_cli's tiny model (300 steps; conftest.tiny_360_run), exports a point cloud and a TSDF mesh with the
+    command (two processes at once) and a density mesh in this process."""
     from mipnerf360.cli import export as export_cli
-    gin_file, scene, ckpt = str(workdir / 'tiny.gin'), str(workdir / 'scene'), str(workdir / 'ckpt')
-    _check_ok(_cli('train', gin_file, scene, ckpt))
-    out = workdir / 'out'
+    gin_file, scene, ckpt = str(workdir / 'tiny.gin'), str(workdir / 'scene'), str(workdir / 'exp' / 'ckpt')
+    out = tmp_path_factory.mktemp('export')
     runs = {
         'pointcloud': _export_cmd('pointcloud', gin_file, scene, ckpt, f'--output={out}/points.ply'),
         'tsdf': _export_cmd('mesh', gin_file, scene, ckpt, '--resolution=64', f'--output={out}/tsdf.ply'),
@@ -352,7 +352,7 @@ _BAD = {
 def test_bad_input_gives_one_error_line(workdir, exported, capsys, case):  # noqa: F811
     from mipnerf360.cli import export as export_cli
     args, expected = _BAD[case]
-    flags = _flags(str(workdir / 'tiny.gin'), str(workdir / 'scene'), str(workdir / 'ckpt'))
+    flags = _flags(str(workdir / 'tiny.gin'), str(workdir / 'scene'), str(workdir / 'exp' / 'ckpt'))
     capsys.readouterr()
     assert _in_process(export_cli, args[:1] + flags + args[1:]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
@@ -370,7 +370,7 @@ def test_no_checkpoint_and_threshold_errors(workdir, exported, capsys, tmp_path)
                        [f'--output={tmp_path}/m.ply'])
     err = capsys.readouterr().err
     assert code == 2 and 'No checkpoint' in err and 'train first' in err
-    code = _in_process(export_cli, ['mesh'] + _flags(gin_file, scene, str(workdir / 'ckpt')) +
+    code = _in_process(export_cli, ['mesh'] + _flags(gin_file, scene, str(workdir / 'exp' / 'ckpt')) +
                        ['--method=density', '--resolution=16', '--density_threshold=1e9', f'--output={tmp_path}/m.ply'])
     err = capsys.readouterr().err
     errors = [ln for ln in err.replace('\r', '\n').splitlines() if 'error' in ln]
