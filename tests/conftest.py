@@ -2,6 +2,7 @@
 (shared with test_export.py), a gin reset between test modules, `keep_matmul_precision` (restores the
 process-level TF32 settings after a test), and the order in which `-n 2 --dist loadfile` hands files to workers."""
 
+import collections
 import os
 import time
 from typing import NamedTuple
@@ -76,7 +77,8 @@ def keep_matmul_precision():
 # files (each a minute or two of training) last: one worker was left alone with them at the end. Instead the
 # files start longest first. Seconds per file, all its tests and fixtures, from `make test --durations=0` on the
 # 2-core machine (2026-12-01; the machine was shared, so they are relative costs); the files not named take a
-# few seconds each and keep their order after these.
+# few seconds each and keep their order after these. A passing run stores what it measured in pytest's cache
+# (.pytest_cache), and later runs in the same checkout order by those figures (a new slow file included).
 _SECONDS = {
     'test_cli.py': 162, 'test_e2e_rawnerf.py': 109, 'test_colmap_binary.py': 106, 'test_e2e_robustnerf.py': 104,
     'test_export.py': 89, 'test_photos.py': 85, 'test_sfm_training.py': 80, 'test_e2e_refnerf.py': 78,
@@ -88,14 +90,23 @@ _SECONDS = {
 _SAME_WORKER = {'test_export.py': 'test_cli.py'}  # tiny_360_run
 
 
+_CACHE_KEY = 'mipnerf360/seconds_per_file'
+_measured = collections.defaultdict(float)
+
+
+def _seconds_per_file(config):
+    cache = getattr(config, 'cache', None)  # None with -p no:cacheprovider.
+    return {**_SECONDS, **(cache.get(_CACHE_KEY, {}) if cache is not None else {})}
+
+
 def _unit(path):
     """The work unit (a test file's name) that the test file at `path` belongs to."""
     name = os.path.basename(path)
     return _SAME_WORKER.get(name, name)
 
 
-def _unit_seconds(unit):
-    return _SECONDS.get(unit, 0) + sum(_SECONDS.get(f, 0) for f, u in _SAME_WORKER.items() if u == unit)
+def _unit_seconds(unit, seconds):
+    return seconds.get(unit, 0) + sum(seconds.get(f, 0) for f, u in _SAME_WORKER.items() if u == unit)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -103,7 +114,20 @@ def pytest_collection_modifyitems(config, items):
     tests of a file keep their order). The scheduler below keeps this order."""
     if not hasattr(config, 'workerinput'):
         return
-    items.sort(key=lambda item: -_unit_seconds(_unit(str(item.path))))
+    seconds = _seconds_per_file(config)
+    items.sort(key=lambda item: -_unit_seconds(_unit(str(item.path)), seconds))
+
+
+def pytest_runtest_logreport(report):
+    """On the controller (or a run without xdist): the seconds of each file's setups, calls and teardowns."""
+    if 'PYTEST_XDIST_WORKER' not in os.environ:
+        _measured[os.path.basename(report.nodeid.split('::', 1)[0])] += report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    cache = getattr(session.config, 'cache', None)
+    if exitstatus == 0 and _measured and cache is not None and 'PYTEST_XDIST_WORKER' not in os.environ:
+        cache.set(_CACHE_KEY, {**cache.get(_CACHE_KEY, {}), **{f: round(t, 1) for f, t in _measured.items()}})
 
 
 @pytest.hookimpl(optionalhook=True)
