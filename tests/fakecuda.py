@@ -13,14 +13,21 @@ mem_get_info, memory_allocated / reserved / max_memory_allocated, reset_peak_mem
 get_device_name, set_sync_debug_mode), and every call is listed in `log.cuda_calls`. `log.syncs` counts values
 read back on the host (`.item()`, copies to the CPU).
 
-What it cannot show: speed, memory, CUDA-kernel numerics (TF32, bf16 autocast: `torch.autocast('cuda')` is off
-without CUDA), NCCL, Triton compiles.
+What it cannot show: speed, memory, CUDA-kernel numerics (TF32 settings are recorded in `log.cuda_calls`, not
+applied; bf16 autocast: `torch.autocast('cuda')` is off without CUDA), backward passes (see `fake_cuda`), NCCL,
+Triton compiles.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
 from typing import Any, List, Optional
 from unittest import mock
 
@@ -77,6 +84,14 @@ class FakeCudaTensor(torch.Tensor):
 
     def data_ptr(self):
         return self._cpu_values.data_ptr()
+
+    def __deepcopy__(self, memo):
+        copied = FakeCudaTensor(self._cpu_values.detach().clone())
+        copied.requires_grad_(self.requires_grad)
+        if getattr(self, '_is_param', False):
+            copied._is_param = True  # How torch marks a Parameter of a tensor subclass.
+        memo[id(self)] = copied
+        return copied
 
     def __reduce_ex__(self, protocol):  # torch.save writes the values (a CUDA tensor's are loadable anywhere).
         return self._cpu_values.__reduce_ex__(protocol)
@@ -215,9 +230,7 @@ def _unwrap(x):
 
 
 def _cuda_api(log: Log):
-    """Stand-ins for the torch.cuda functions the code calls: one idle device."""
-    peak = {'allocated': 0}
-
+    """Stand-ins for the torch.cuda functions the code calls: one idle device (a memory probe's peak: 4 MiB)."""
     def record(name, value=None):
         def fn(*args, **kwargs):
             log.cuda_calls.append(name)
@@ -232,9 +245,9 @@ def _cuda_api(log: Log):
         'set_device': record('set_device'),
         'synchronize': record('synchronize'),
         'mem_get_info': record('mem_get_info', (TOTAL_MEMORY, TOTAL_MEMORY)),
-        'memory_allocated': record('memory_allocated', lambda: peak['allocated']),
+        'memory_allocated': record('memory_allocated', 0),
         'memory_reserved': record('memory_reserved', 0),
-        'max_memory_allocated': record('max_memory_allocated', lambda: peak['allocated'] + 4096 * 1024),
+        'max_memory_allocated': record('max_memory_allocated', 4 * 2**20),
         'reset_peak_memory_stats': record('reset_peak_memory_stats'),
         'empty_cache': record('empty_cache'),
         'get_device_name': record('get_device_name', 'FakeCuda (a CPU in disguise)'),
@@ -247,21 +260,34 @@ def _cuda_api(log: Log):
     }
 
 
-_GUARD_SOURCE = r"""
-#include <torch/extension.h>
+_GUARD_SOURCE = """
 #include <c10/core/impl/FakeGuardImpl.h>
 namespace { C10_REGISTER_GUARD_IMPL(CUDA, c10::impl::FakeGuardImpl<c10::DeviceType::CUDA>); }
-bool registered() { return true; }
 """
 
 
-def register_device_guard(build_directory: Optional[str] = None) -> None:
+def register_device_guard(cache_dir: Optional[str] = None) -> None:
     """Registers a no-op CUDA device guard (c10's FakeGuardImpl), which tensors on 'cuda' need to exist at all
-    without CUDA: a C++ extension, built once (about 30 s) into `build_directory` (default: torch's extension
-    cache, so later runs reuse it). Needs a C++ compiler and ninja."""
+    without CUDA: a small shared library, compiled once per torch version (a few seconds; needs g++) into
+    `cache_dir` (default ~/.cache/mipnerf360) and loaded into the process."""
     from torch.utils import cpp_extension  # pylint: disable=import-outside-toplevel
-    cpp_extension.load_inline('mipnerf360_fake_cuda_guard', cpp_sources=_GUARD_SOURCE, functions=['registered'],
-                              build_directory=build_directory, extra_cflags=['-O0'])
+    cache_dir = cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'mipnerf360')
+    key = hashlib.sha256((_GUARD_SOURCE + torch.__version__ + torch.__file__).encode()).hexdigest()[:16]
+    library = os.path.join(cache_dir, f'fake_cuda_guard_{key}.so')
+    if not os.path.exists(library):
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, 'guard.cpp')
+            with open(source, 'w') as f:
+                f.write(_GUARD_SOURCE)
+            abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)  # pylint: disable=protected-access
+            cmd = (['g++', '-shared', '-fPIC', '-O0', '-std=c++17', f'-D_GLIBCXX_USE_CXX11_ABI={abi}', source,
+                    '-o', os.path.join(tmp, 'guard.so')] +
+                   [f'-I{p}' for p in cpp_extension.include_paths()] +
+                   [f'-L{p}' for p in cpp_extension.library_paths()] + ['-lc10'])
+            subprocess.run(cmd, check=True, capture_output=True)
+            os.replace(os.path.join(tmp, 'guard.so'), library)  # Atomic: other processes see all or nothing.
+    ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
 
 
 def _leaves(t: torch.Tensor) -> List[torch.Tensor]:
@@ -291,19 +317,12 @@ def _zero_grad(outputs, inputs, *args, **kwargs):  # pylint: disable=unused-argu
     return tuple(torch.zeros_like(x) for x in inputs)
 
 
-class _ThreadModes:
-    """Enters the modes in every thread started inside the block (torch's modes are per thread)."""
-
-    def __init__(self, log: Log):
-        self.log = log
-
-    def __call__(self, run):
-        log = self.log
-
-        def wrapped(thread):
-            with _FakeCudaMode(log), _ToMode():
-                run(thread)
-        return wrapped
+def _in_modes(run, log: Log):
+    """`Thread.run` entering the modes first: torch's modes are per thread."""
+    def wrapped(thread):
+        with _FakeCudaMode(log), _ToMode():
+            run(thread)
+    return wrapped
 
 
 @contextlib.contextmanager
@@ -314,12 +333,17 @@ def fake_cuda():
     block `Tensor.backward` and `torch.autograd.grad` give zero gradients: the forward pass, the losses and the
     optimizer run on the device as they would, the gradients' values are not computed.
     """
-    import threading  # pylint: disable=import-outside-toplevel
     log = Log()
     with contextlib.ExitStack() as stack:
+        # TF32 is a CUDA kernel setting: recorded, not applied to the CPU kernels; restored afterwards.
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        stack.callback(lambda: (setattr(torch.backends.cuda.matmul, 'allow_tf32', saved[0]),
+                                setattr(torch.backends.cudnn, 'allow_tf32', saved[1])))
+        stack.enter_context(mock.patch('torch.set_float32_matmul_precision',
+                                       lambda p: log.cuda_calls.append(f'set_float32_matmul_precision({p})')))
         stack.enter_context(mock.patch('torch.Tensor.backward', _zero_backward))
         stack.enter_context(mock.patch('torch.autograd.grad', _zero_grad))
-        stack.enter_context(mock.patch.object(threading.Thread, 'run', _ThreadModes(log)(threading.Thread.run)))
+        stack.enter_context(mock.patch.object(threading.Thread, 'run', _in_modes(threading.Thread.run, log)))
         for name, fn in _cuda_api(log).items():
             stack.enter_context(mock.patch(f'torch.cuda.{name}', fn))
         stack.enter_context(mock.patch('torch.Generator', FakeCudaGenerator))
