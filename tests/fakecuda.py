@@ -13,9 +13,11 @@ mem_get_info, memory_allocated / reserved / max_memory_allocated, reset_peak_mem
 get_device_name, set_sync_debug_mode), and every call is listed in `log.cuda_calls`. `log.syncs` counts values
 read back on the host (`.item()`, copies to the CPU).
 
+`torch.autocast('cuda')` works as on a GPU (its casts run on the CPU kernels; CPU autocast leaves CUDA tensors
+alone, as it should).
+
 What it cannot show: speed, memory, CUDA-kernel numerics (TF32 settings are recorded in `log.cuda_calls`, not
-applied; bf16 autocast: `torch.autocast('cuda')` is off without CUDA), backward passes (see `fake_cuda`), NCCL,
-Triton compiles.
+applied), backward passes (see `fake_cuda`), NCCL, Triton compiles.
 """
 
 from __future__ import annotations
@@ -251,6 +253,7 @@ def _cuda_api(log: Log):
         'reset_peak_memory_stats': record('reset_peak_memory_stats'),
         'empty_cache': record('empty_cache'),
         'get_device_name': record('get_device_name', 'FakeCuda (a CPU in disguise)'),
+        'is_bf16_supported': record('is_bf16_supported', True),
         'get_rng_state': record('get_rng_state', lambda: torch.zeros(16, dtype=torch.uint8)),
         'set_rng_state': record('set_rng_state'),
         'manual_seed': record('manual_seed'),

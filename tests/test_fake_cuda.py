@@ -311,3 +311,47 @@ def test_viewer_renders_on_cuda_as_on_the_cpu(setup):  # pylint: disable=redefin
     assert [img.shape[:2] for img, _ in sent['cpu']] == [(2, 2), (3, 4), (6, 8), (12, 16)]
     for (a, fmt_a), (b, fmt_b) in zip(sent['cuda'], sent['cpu']):
         assert fmt_a == fmt_b and np.array_equal(a, b)
+
+
+def test_training_step_makes_no_host_sync_on_cuda(setup):  # pylint: disable=redefined-outer-name
+    """The sampler, ray casting, forward, losses, finite guard and Adam of a training step on the device never
+    wait for it: no value read back, no copy to the host (on the CPU a `.cpu()` is no copy at all, so only a
+    device shows the latter)."""
+    import syncguard  # pylint: disable=import-outside-toplevel
+    from mipnerf360 import datasets, train_utils  # pylint: disable=import-outside-toplevel
+    from mipnerf360.cli import common  # pylint: disable=import-outside-toplevel
+    _, gin_file, scene_dir, _ = setup
+    gin.clear_config()
+    config = configs.load_config(save_config=False, gin_configs=[str(gin_file)], gin_bindings=[
+        f"Config.data_dir = '{scene_dir}'", 'Config.batch_size = 256', "Config.nan_policy = 'skip_step'",
+        'Config.cast_rays_in_train_step = True'])
+    gin.clear_config()
+    with fakecuda.fake_cuda() as log:
+        device = torch.device('cuda')
+        sampler = datasets.RaySampler(datasets.load_scene(config, 'train'), config, device=device)
+        state = train_utils.create_train_state(config, common.build_model(config, device))
+        cameras = sampler.cameras
+        for step in (1, 2):  # Fresh Adam state, then existing state.
+            before = log.syncs
+            with syncguard.no_host_sync():
+                batch = sampler.get_train_batch(step)
+                state, stats = train_utils.train_step(state, batch, cameras, config, state.step_generator(device),
+                                                      sampler.camtype)
+            assert log.syncs == before
+            assert stats['loss'].device.type == 'cuda'
+        assert np.isfinite(train_utils.stats_to_float(stats)['loss']) and log.syncs > before  # Logging reads.
+
+
+def test_bf16_autocasts_the_mlps_on_cuda(setup, tmp_path, capsys):  # pylint: disable=redefined-outer-name
+    """Config.precision = 'bf16' on the device: CUDA autocast (not the CPU's) runs the MLPs in bfloat16; the
+    metrics move from float32's by bf16 rounding and agree with the CPU's bf16 run."""
+    runs = {}
+    for name, device, precision in (('fp32', 'cuda', 'fp32'), ('bf16', 'cuda', 'bf16'), ('cpu_bf16', 'cpu', 'bf16')):
+        ckpt = _copy_checkpoint(setup, tmp_path / name)
+        bindings = [f"Config.precision = '{precision}'"] + (["Config.device = 'cpu'"] if device == 'cpu' else [])
+        with fakecuda.fake_cuda() if device == 'cuda' else contextlib.nullcontext():
+            assert _run(eval_cli, _flags(setup, ckpt, *bindings)) == 0, capsys.readouterr().err
+        runs[name] = np.array(_metrics(ckpt)['per_image']['psnr'])
+    assert np.abs(runs['bf16'] - runs['fp32']).max() > 1e-4
+    np.testing.assert_allclose(runs['bf16'], runs['cpu_bf16'], rtol=0, atol=0.05)
+    np.testing.assert_allclose(runs['bf16'], runs['fp32'], rtol=0, atol=0.2)
