@@ -355,3 +355,30 @@ def test_bf16_autocasts_the_mlps_on_cuda(setup, tmp_path, capsys):  # pylint: di
     assert np.abs(runs['bf16'] - runs['fp32']).max() > 1e-4
     np.testing.assert_allclose(runs['bf16'], runs['cpu_bf16'], rtol=0, atol=0.05)
     np.testing.assert_allclose(runs['bf16'], runs['fp32'], rtol=0, atol=0.2)
+
+
+def test_gpu_check_benchmarks_run_on_cuda(tmp_path, monkeypatch, capsys, device_guard):
+    """bench/gpu_check.sh's train and render benchmarks, as it calls them (on a tiny config and size), on the
+    device: their CUDA-only plumbing (memory figures, synchronisation, accumulation from free memory) works
+    before a GPU's time is spent on it."""
+    # pylint: disable=unused-argument
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(repo)
+    monkeypatch.syspath_prepend(os.path.join(repo, 'bench'))
+    import bench_render  # pylint: disable=import-outside-toplevel
+    import bench_train  # pylint: disable=import-outside-toplevel
+    table = tmp_path / 'rows.json'
+    common_flags = ['--gin_configs', 'bench/bench_demo.gin', '--device', 'cuda', '--json', str(table)]
+    with fakecuda.fake_cuda() as log:
+        for precision, accum in (('tf32', '1'), ('bf16', 'auto')):
+            bench_train.main(common_flags + ['--precision', precision, '--grad_accum_steps', accum, '--steps', '2',
+                                             '--warmup', '1', '--batch_size', '64', '--num_batches', '1',
+                                             '--label', f'{precision} {accum}'])
+        bench_render.main(common_flags + ['--chunk', 'auto', '--width', '16', '--height', '12', '--repeats', '1',
+                                          '--label', 'render'])
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    assert [r['bench'] for r in rows] == ['train', 'train', 'render']
+    assert 'precision=tf32' in rows[0]['flags'] and 'precision=bf16' in rows[1]['flags']
+    assert all(r['ms'] > 0 and r['rays_per_s'] > 0 and r['peak_mib'] == 4 for r in rows)  # The fake's 4 MiB.
+    assert {'reset_peak_memory_stats', 'max_memory_allocated', 'synchronize', 'mem_get_info'} <= set(log.cuda_calls)
+    assert 'device=cuda' in capsys.readouterr().out
