@@ -130,8 +130,9 @@ def test_render_on_cuda_gives_the_cpus_frames(setup, tmp_path, capsys):  # pylin
 
 def test_train_runs_on_cuda(setup, tmp_path, capsys):  # pylint: disable=redefined-outer-name
     """Four steps (zero gradients: see fakecuda) with accumulation sized from free memory, a checkpoint on the
-    way; the first step's loss (the initial weights on the first batch) is the CPU run's."""
-    steps = ['Config.max_steps = 4', 'Config.checkpoint_every = 2', 'Config.print_every = 1', 'Config.batch_size = 1024']
+    way and a test-view render; the first step's loss (the initial weights on the first batch) is the CPU run's."""
+    steps = ['Config.max_steps = 4', 'Config.checkpoint_every = 2', 'Config.print_every = 1', 'Config.batch_size = 1024',
+             'Config.train_render_every = 4']
     assert _run(train_cli, _flags(setup, tmp_path / 'cpu', "Config.device = 'cpu'", *steps)) == 0, \
         capsys.readouterr().err
     cpu_out = capsys.readouterr().out
@@ -140,6 +141,7 @@ def test_train_runs_on_cuda(setup, tmp_path, capsys):  # pylint: disable=redefin
             capsys.readouterr().err
     cuda_out = capsys.readouterr().out
     assert 'Training on cuda:0' in cuda_out and {'set_device', 'mem_get_info'} <= set(log.cuda_calls)
+    assert re.search(r'^Eval 4: .* rays/s', cuda_out, re.M)  # The test view rendered during training.
     first_loss = lambda out: float(re.search(r'^ *1/4: loss=([0-9.]+)', out, re.M).group(1))  # noqa: E731
     assert first_loss(cuda_out) == first_loss(cpu_out)
     # What the CUDA run saved is an ordinary checkpoint: it loads on the CPU, on the initial weights.
