@@ -272,7 +272,10 @@ namespace { C10_REGISTER_GUARD_IMPL(CUDA, c10::impl::FakeGuardImpl<c10::DeviceTy
 def register_device_guard(cache_dir: Optional[str] = None) -> None:
     """Registers a no-op CUDA device guard (c10's FakeGuardImpl), which tensors on 'cuda' need to exist at all
     without CUDA: a small shared library, compiled once per torch version (a few seconds; needs g++) into
-    `cache_dir` (default ~/.cache/mipnerf360) and loaded into the process."""
+    `cache_dir` (default ~/.cache/mipnerf360) and loaded into the process. Only for CPU-only torch builds: in a
+    CUDA build it would replace the real guard."""
+    if torch.backends.cuda.is_built():
+        raise RuntimeError('register_device_guard() is for CPU-only torch builds; this one has CUDA.')
     from torch.utils import cpp_extension  # pylint: disable=import-outside-toplevel
     cache_dir = cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'mipnerf360')
     key = hashlib.sha256((_GUARD_SOURCE + torch.__version__ + torch.__file__).encode()).hexdigest()[:16]

@@ -29,6 +29,8 @@ from test_cli_faults import _run, write_tiny_scene
 
 @pytest.fixture(scope='module')
 def device_guard():
+    if torch.backends.cuda.is_built():  # Its device guard would replace the real one.
+        pytest.skip('the simulated CUDA device is for CPU-only torch builds; tests/test_gpu.py covers real CUDA')
     try:
         fakecuda.register_device_guard()
     except Exception as e:  # pylint: disable=broad-except
