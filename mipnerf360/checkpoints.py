@@ -296,11 +296,14 @@ def _older_intact(path: str) -> Optional[str]:
 def load_checkpoint(path: str, map_location: Any = 'cpu', describe_fallback: bool = True) -> Dict[str, Any]:
     """Loads a checkpoint written by `save_checkpoint` (weights only: no code is unpickled) and verifies its
     checksum (checkpoints written before checksums existed have none and load as they are). On a mismatch the
-    ChecksumError names the newest intact older checkpoint (when `describe_fallback`)."""
+    ChecksumError names the newest intact older checkpoint (when `describe_fallback`).
+
+    The file is read and checked on the CPU and only then moved to `map_location`: an error of the device (out of
+    memory, a CUDA fault) is raised as itself, never reported as a corrupt file to delete."""
     if not os.path.isfile(path):
         raise CheckpointError(f'Checkpoint not found: {path}.')
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files.
         reason = ' '.join(str(e).split()).split('. ')[0][:160]
         raise CheckpointError(f'Checkpoint {path} is corrupt or not a mipnerf360 checkpoint ({reason}); '
@@ -316,7 +319,21 @@ def load_checkpoint(path: str, map_location: Any = 'cpu', describe_fallback: boo
                   'no older intact checkpoint exists; delete it to train from scratch')
         raise ChecksumError(f'Checkpoint {path} fails its checksum (it changed on disk after it was written); '
                             f'{advice}.')
-    return state
+    if map_location is None or (isinstance(map_location, (str, torch.device))
+                                and torch.device(map_location).type == 'cpu'):
+        return state
+    return _to_device(state, map_location)
+
+
+def _to_device(x: Any, device: Any) -> Any:
+    """`x` (nested dicts / lists / tuples of tensors and plain values) with every tensor moved to `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return type(x)((k, _to_device(v, device)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
 
 
 def load_newest_intact(checkpoint_dir: str, map_location: Any = 'cpu',
