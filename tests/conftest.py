@@ -83,8 +83,8 @@ _SECONDS = {
     'test_cli.py': 162, 'test_e2e_rawnerf.py': 109, 'test_colmap_binary.py': 106, 'test_e2e_robustnerf.py': 104,
     'test_export.py': 89, 'test_photos.py': 85, 'test_sfm_training.py': 80, 'test_e2e_refnerf.py': 78,
     'test_ddp.py': 54, 'test_viewer.py': 54, 'test_memory.py': 46, 'test_e2e_glo.py': 44, 'test_cli_faults.py': 40,
-    'test_colmap.py': 33, 'test_photos_steps.py': 32, 'test_train_faults.py': 30, 'test_compile.py': 30,
-    'test_checkpoints.py': 29, 'test_convert_multinerf.py': 27, 'test_train_utils.py': 24,
+    'test_fake_cuda.py': 35, 'test_colmap.py': 33, 'test_photos_steps.py': 32, 'test_train_faults.py': 30,
+    'test_compile.py': 30, 'test_checkpoints.py': 29, 'test_convert_multinerf.py': 27, 'test_train_utils.py': 24,
 }
 # Files that share a session fixture run on one worker (one work unit), so that the fixture runs once.
 _SAME_WORKER = {'test_export.py': 'test_cli.py'}  # tiny_360_run

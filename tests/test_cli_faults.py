@@ -60,9 +60,9 @@ def write_tiny_scene(root, gin_text: str = TINY_GIN):
     return scene, gin_file
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp('faults')
+def write_tiny_run(root):
+    """`write_tiny_scene` plus a checkpoint (step 5) of the untrained model seeded by 0 in `root`/exp/ckpt;
+    (root, gin file, scene, checkpoint folder)."""
     scene, gin_file = write_tiny_scene(root)
     ckpt = root / 'exp' / 'ckpt'
     gin.clear_config()
@@ -72,6 +72,11 @@ def setup(tmp_path_factory):
     gin.clear_config()
     checkpoints.save_checkpoint(str(ckpt), {'model': model.state_dict(), 'step': 5}, 5)
     return root, str(gin_file), str(scene), ckpt
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    return write_tiny_run(tmp_path_factory.mktemp('faults'))
 
 
 def _flags(setup, *bindings, ckpt=None):

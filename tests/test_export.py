@@ -50,17 +50,20 @@ def _traced_view(origins, directions, camtoworld, pixtocam, shape):
                             pixtocam=pixtocam)
 
 
-@pytest.fixture(scope='module')
-def exact_views():
-    """12 views (80 x 60) around the scene with exact depth, in the synthetic frame."""
-    w, h = 80, 60
+def ring_views(n: int, w: int, h: int):
+    """`n` views (w x h) on a ring around the scene with exact depth, in the synthetic frame."""
     pixtocam = np.linalg.inv(synthetic.intrinsics(0.9 * w, w, h))
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
     views = []
-    for c2w in synthetic.ring_poses(12, seed=0):
+    for c2w in synthetic.ring_poses(n, seed=0):
         o, d = synthetic.pixel_rays(c2w, pixtocam, xx.reshape(-1) + .5, yy.reshape(-1) + .5)
         views.append(_traced_view(o, d, c2w, pixtocam, (h, w)))
     return views
+
+
+@pytest.fixture(scope='module')
+def exact_views():
+    return ring_views(12, 80, 60)
 
 
 BOX = (np.array([-1.2, -1.2, -0.2]), np.array([1.2, 1.2, 1.3]))

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 import fakecuda
-from mipnerf360 import checkpoints, configs, models, synthetic, utils
+from mipnerf360 import checkpoints, configs, synthetic, utils
 from mipnerf360.cli import eval as eval_cli
 from mipnerf360.cli import render as render_cli
 from mipnerf360.cli import train as train_cli
-from test_cli_faults import _run, write_tiny_scene
+from test_cli_faults import _run, write_tiny_run
 
 
 
@@ -39,16 +39,7 @@ def device_guard():
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory, device_guard):  # pylint: disable=unused-argument,redefined-outer-name
-    root = tmp_path_factory.mktemp('fake_cuda')
-    scene, gin_file = write_tiny_scene(root)
-    ckpt = root / 'ckpt'
-    gin.clear_config()
-    configs.parse_gin([str(gin_file)], [])
-    torch.manual_seed(0)
-    model = models.Model(config=configs.Config())
-    gin.clear_config()
-    checkpoints.save_checkpoint(str(ckpt), {'model': model.state_dict(), 'step': 5}, 5)
-    return root, gin_file, scene, ckpt
+    return write_tiny_run(tmp_path_factory.mktemp('fake_cuda'))
 
 
 def _flags(setup, ckpt, *bindings):  # pylint: disable=redefined-outer-name
@@ -264,14 +255,8 @@ def test_tsdf_fusion_on_cuda_gives_the_cpus_volume(device_guard):  # pylint: dis
     """TSDF fusion of exact depth maps (test_export's traced views) on the device and on the CPU."""
     pytest.importorskip('skimage')
     from mipnerf360 import export  # pylint: disable=import-outside-toplevel
-    from test_export import BOX, _traced_view  # pylint: disable=import-outside-toplevel
-    w, h = 40, 30
-    pixtocam = np.linalg.inv(synthetic.intrinsics(0.9 * w, w, h))
-    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
-    views = []
-    for c2w in synthetic.ring_poses(6, seed=0):
-        o, d = synthetic.pixel_rays(c2w, pixtocam, xx.reshape(-1) + .5, yy.reshape(-1) + .5)
-        views.append(_traced_view(o, d, c2w, pixtocam, (h, w)))
+    from test_export import BOX, ring_views  # pylint: disable=import-outside-toplevel
+    views = ring_views(6, 40, 30)
     cpu = export.tsdf_fusion(views, BOX, resolution=24, progress=False, chunk=4096)
     with fakecuda.fake_cuda():
         cuda = export.tsdf_fusion(views, BOX, resolution=24, progress=False, chunk=4096, device='cuda')
