@@ -18,7 +18,14 @@ import torch
 Number = Union[float, int]
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """`torch.compiler.assume_constant_result`'s whole effect (tests/test_compile.py checks it is the same), without
+    its import of torch._dynamo: that costs every command about 1.3 s at start-up, compiling or not."""
+    fn._dynamo_marked_constant = True  # pylint: disable=protected-access
+    return fn
+
+
+@_assume_constant_result
 def _reduced_fp32_matmul(device_type: str) -> bool:
     """Whether a float32 `torch.matmul` on a `device_type` device may currently run at reduced (TF32 / bf16)
     precision. (torch.compile reads the global settings once, when it traces.)"""
