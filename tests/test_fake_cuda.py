@@ -160,6 +160,17 @@ def test_checkpoint_loads_onto_the_device_and_device_errors_stay_device_errors(s
         monkeypatch.setattr(torch.Tensor, 'to', out_of_memory)
         with pytest.raises(torch.cuda.OutOfMemoryError):
             checkpoints.load_checkpoint(path, map_location='cuda')
+        monkeypatch.undo()
+        # Nor while copying the weights into the model (a RuntimeError, as torch's for another model's weights).
+        from mipnerf360.cli import common  # pylint: disable=import-outside-toplevel
+        gin.clear_config()
+        config = configs.load_config(save_config=False, gin_configs=[setup[1]],
+                                     gin_bindings=[f"Config.checkpoint_dir = '{setup[3]}'"])
+        gin.clear_config()
+        model = common.build_model(config, torch.device('cuda'))
+        monkeypatch.setattr(model, 'load_state_dict', out_of_memory)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            common.restore_model(model, config, torch.device('cuda'))
 
 
 # Each method's config file, on a tiny model: (config, scene writer, extra bindings).

@@ -392,6 +392,8 @@ def restore_model(model: torch.nn.Module, config: configs.Config, device: torch.
     try:
         model.load_state_dict(state['model'])
     except RuntimeError as e:
+        if not str(e).startswith('Error(s) in loading state_dict'):
+            raise  # A device error (out of memory, a CUDA fault), not a checkpoint of another model.
         raise checkpoints.CheckpointError(
             f'Checkpoint {path} does not match this model ({state_dict_mismatch(e)}); use the gin configs it was '
             'trained with (see config.gin next to it).') from None
