@@ -71,6 +71,7 @@ def main(argv=None):
 
     gin.parse_config_files_and_bindings(gin_configs, args.gin_bindings, skip_unknown=False)
     config = configs.Config()
+    np.random.seed(20201473 + args.seed)  # The dataset draws batches with numpy's global generator.
     dataset = datasets.load_dataset('train', config.data_dir, config)
     host_batches = [next(dataset) for _ in range(args.num_batches)]
     batches = [next(flax.jax_utils.prefetch_to_device(iter([b]), 1)) for b in host_batches]
