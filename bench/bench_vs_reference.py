@@ -4,7 +4,8 @@
         [--batch_size N] [--steps 10 --warmup 3 --repeats 3] [--threads N] [--malloc_tune] [--scene_dir DIR]
         [--reference_dir /path/to/multinerf --reference_python /path/to/jax/venv/bin/python] [--append]
 
-Each --gin_configs entry is one row of the table (join the files of one row with '+', e.g. a.gin+b.gin).
+Each --gin_configs entry is one row of the table (join the files of one row with '+', e.g. a.gin+b.gin);
+relative paths are taken from the repository root, where the script runs.
 A generated scene (`mipnerf360.synthetic.write_colmap_scene`: the mip-NeRF 360 layout, `images/`, `images_2/`,
 `images_4/` and a COLMAP text model in `sparse/0/`, which both implementations' 'llff' loaders read) is written
 once to --scene_dir (default: a temporary folder, removed at the end); Config.data_dir points both at it, and
@@ -156,7 +157,7 @@ def time_ours(args, entry: str, data_dir: str) -> Run:
 
 
 def time_reference(args, entry: str, data_dir: str) -> Run:
-    cmd = [args.reference_python, reference_train_step.__file__, '--reference_dir', os.path.abspath(args.reference_dir),
+    cmd = [args.reference_python, reference_train_step.__file__, '--reference_dir', args.reference_dir,
            '--gin_configs', *row_files(entry), '--gin_bindings', *row_bindings(args, data_dir),
            '--steps', str(args.steps), '--warmup', str(args.warmup), '--num_batches', str(args.num_batches),
            '--threads', str(args.threads), '--seed', str(args.seed)]
@@ -202,10 +203,15 @@ def main(argv=None) -> Dict[str, Dict[str, List[Run]]]:
     """Runs the comparison; returns {config entry: {'ours': [Run], 'reference': [Run]}} and prints the table."""
     args = parse_args(argv)
     with_reference = check_reference(args.reference_dir, args.reference_python)
+    for name in ('scene_dir', 'json', 'reference_dir', 'reference_python'):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
     cpus = sorted(os.sched_getaffinity(0))[:args.threads] if args.threads else sorted(os.sched_getaffinity(0))
     args.threads = len(cpus)
     results = {entry: {'ours': [], 'reference': []} for entry in args.gin_configs}
-    with scene(args) as data_dir:
+    # From the repository root, our gin files' `include 'configs/360.gin'` resolves (from elsewhere gin fails on
+    # the repository's configs/ folder, importable as a namespace package once the root is on sys.path).
+    with contextlib.chdir(benchlib.REPO_ROOT), scene(args) as data_dir:
         for repeat in range(args.repeats):
             for entry in args.gin_configs:
                 with on_cpus(cpus, args.threads):

@@ -34,16 +34,18 @@ def fake_reference(tmp_path, result):
     return str(ref_dir), str(python), log
 
 
-def test_ours_and_stand_in_reference_alternate_on_the_same_settings(tmp_path, capsys):
+def test_ours_and_stand_in_reference_alternate_on_the_same_settings(tmp_path, capsys, monkeypatch):
     result = {'ms': 90.0, 'min_ms': 80.0, 'cpu_ms': 70.0, 'first_step_s': 30.0, 'batch': 32,
               'num_params': DEMO_PARAMS, 'loss': 0.2, 'backend': 'cpu', 'jax': '0.4.13', 'flax': '0.6.11',
               'cpus': 1, 'xla_flags': '--xla_cpu_multi_thread_eigen=false'}
     ref_dir, python, log = fake_reference(tmp_path, result)
+    monkeypatch.chdir(tmp_path)  # Runs from anywhere; a relative --scene_dir is taken from here.
     scene_dir = str(tmp_path / 'scene')
     threads, cpus = torch.get_num_threads(), os.sched_getaffinity(0)
-    results = bvr.main(TINY + ['--repeats', '2', '--scene_dir', scene_dir, '--reference_dir', ref_dir,
+    results = bvr.main(TINY + ['--repeats', '2', '--scene_dir', 'scene', '--reference_dir', ref_dir,
                                '--reference_python', python])
     assert torch.get_num_threads() == threads and os.sched_getaffinity(0) == cpus  # Restored.
+    assert os.getcwd() == str(tmp_path)
 
     ours, ref = results['configs/demo.gin']['ours'], results['configs/demo.gin']['reference']
     assert len(ours) == 2 and len(ref) == 2
