@@ -17,8 +17,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib
 
@@ -47,19 +45,11 @@ def main(argv=None):
 
     batches = [benchlib.scene_rays(batch_size, config, device, seed=args.seed + i)
                for i in range(args.num_batches)]
-    losses = []
-
-    def step(i: int) -> None:
-        rng = torch.Generator(device=device)
-        rng.manual_seed(args.seed * 7919 + i)
-        train_frac = min(i / max(config.max_steps - 1, 1), 1.)
-        state.step = i
-        _, stats = train_utils.train_step(state, batches[i % len(batches)], None, config, rng, train_frac=train_frac)
-        losses.append(stats['loss'])
 
     benchlib.reset_peak_memory(device)
     cpu_times = []
-    times = benchlib.time_calls(step, device, args.warmup, args.steps, cpu_times)
+    times, losses = benchlib.time_train_steps(state, config, batches, device, args.warmup, args.steps, args.seed,
+                                              cpu_times)
     cpu_ms = 1e3 * benchlib.median(cpu_times)
     ms = 1e3 * benchlib.median(times)
     rays_per_s = batch_size / (ms / 1e3)

@@ -101,6 +101,25 @@ def time_calls(fn: Callable[[int], None], device: torch.device, warmup: int,
     return times
 
 
+def time_train_steps(state, config, batches: Sequence, device: torch.device, warmup: int, steps: int,
+                     seed: int = 0, cpu_times: Optional[List[float]] = None):
+    """Times `train_utils.train_step` on `batches` in turn (step i: batch i mod len, its own seeded generator,
+    train_frac = i / (max_steps - 1)) with `time_calls`; returns (wall seconds of each timed step, the losses of
+    all steps as tensors)."""
+    from mipnerf360 import train_utils
+    losses = []
+
+    def step(i: int) -> None:
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed * 7919 + i)
+        train_frac = min(i / max(config.max_steps - 1, 1), 1.)
+        state.step = i
+        _, stats = train_utils.train_step(state, batches[i % len(batches)], None, config, rng, train_frac=train_frac)
+        losses.append(stats['loss'])
+
+    return time_calls(step, device, warmup, steps, cpu_times), losses
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
@@ -142,9 +161,10 @@ def append_result(title: str, device: torch.device, figures: Dict[str, str], not
         f.write('\n'.join(lines) + '\n')
 
 
-def add_common_args(p) -> None:
+def add_common_args(p, gin_configs_default: Sequence[str] = ('configs/demo.gin',),
+                    gin_configs_help: Optional[str] = None) -> None:
     """Flags shared by the benchmarks: config, device, precision/compile modes, malloc option, result recording."""
-    p.add_argument('--gin_configs', nargs='+', default=['configs/demo.gin'])
+    p.add_argument('--gin_configs', nargs='+', default=list(gin_configs_default), help=gin_configs_help)
     p.add_argument('--gin_bindings', nargs='*', default=[])
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--precision', choices=['fp32', 'tf32', 'bf16'], default=None,
