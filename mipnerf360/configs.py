@@ -384,6 +384,7 @@ def parse_gin(gin_configs: Optional[Sequence[str]], gin_bindings: Optional[Seque
     # `include 'configs/360.gin'` and `--gin_configs=configs/360.gin` also resolve from the repository root.
     if _REPO_ROOT not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
         gin.add_config_file_search_path(_REPO_ROOT)
+    _guard_gin_resource_lookup()
     resolved = []
     for path in gin_configs or []:
         if not os.path.isfile(path) and os.path.isfile(os.path.join(_REPO_ROOT, path)):
@@ -403,6 +404,25 @@ def parse_gin(gin_configs: Optional[Sequence[str]], gin_bindings: Optional[Seque
                 "--gin_bindings=\"Config.data_dir = '/path/to/scene'\" (single quotes inside, double quotes "
                 'around the whole binding for the shell).') from None
         raise ConfigError(f'Bad gin config or binding: {msg}{_configurable_suggestion(msg)}') from None
+
+
+def _guard_gin_resource_lookup() -> None:
+    """gin looks for an include it cannot open in the working directory as a resource of a Python package next:
+    `configs/360.gin` as package `configs`. With the repository root on sys.path (`python /path/to/train.py` run
+    from elsewhere) the folder configs/ is such a package, without a file, and gin's check crashes (TypeError)
+    before it tries the repository root. Make that check answer 'not there' instead."""
+    readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+    for i, (reader, exists) in enumerate(readers):
+        if getattr(exists, '_mipnerf360_guarded', False):
+            continue
+
+        def guarded(path, exists=exists):
+            try:
+                return exists(path)
+            except TypeError:
+                return False
+        guarded._mipnerf360_guarded = True  # pylint: disable=protected-access
+        readers[i] = (reader, guarded)
 
 
 def _unparseable_binding(bindings: Sequence[str]) -> Optional[str]:

@@ -197,3 +197,19 @@ def test_random_bindings_through_load_config(field, value):
         configs.load_config(save_config=False, gin_configs=[], gin_bindings=[f'Config.{field} = {value!r}'])
     except configs.ConfigError as e:
         assert f'Config.{field}' in str(e) or 'Bad gin config or binding' in str(e)
+
+
+def test_includes_resolve_when_run_from_another_folder(tmp_path, monkeypatch):
+    """`python /path/to/repo/train.py --gin_configs=/path/to/repo/configs/demo.gin` run from elsewhere: the
+    repository root is then first on sys.path, so gin's package lookup for demo.gin's `include
+    'configs/360.gin'` meets configs/ as a file-less package; the include still resolves from the root."""
+    repo = os.path.dirname(configs.__file__).rsplit(os.sep, 1)[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(repo)
+    gin.clear_config()
+    try:
+        configs.parse_gin([os.path.join(repo, 'configs', 'demo.gin')], [])
+        assert gin.query_parameter('Config.far') == 1e6  # From 360.gin.
+        assert gin.query_parameter('Config.max_steps') == 1500  # From demo.gin.
+    finally:
+        gin.clear_config()
