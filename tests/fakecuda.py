@@ -81,6 +81,11 @@ class FakeCudaTensor(torch.Tensor):
     def __array__(self, *args, **kwargs):
         return self.numpy()
 
+    def tolist(self):  # Reads the values back, as .item() does.
+        if _LOGS:
+            _LOGS[-1].syncs += 1
+        return self._cpu_values.tolist()
+
     def untyped_storage(self):  # Memory accounting (which tensors share storage) sees the CPU values'.
         return self._cpu_values.untyped_storage()
 
@@ -184,6 +189,9 @@ def _check_devices(log: Log, name: str, args, tensors, on_cuda: bool) -> None:
                             '"Expected all tensors to be on the same device")')
 
 
+_FROM_DATA = (torch.tensor, torch.as_tensor, torch.asarray)
+
+
 class _ToMode(TorchFunctionMode):
     """`Tensor.to` / `Tensor.cuda` to or from the fake device, as the operator `_to_copy` (torch's C++ `to` would
     look for a CUDA device guard first)."""
@@ -193,6 +201,8 @@ class _ToMode(TorchFunctionMode):
         gen = kwargs.get('generator')
         if gen is not None:  # Checked here: the operators below see a plain copy of the Python generator.
             _check_generator(func, gen, args, kwargs)
+        if func in _FROM_DATA and _is_cuda(kwargs.get('device')):  # Built in C++ on the device: build, then move.
+            return func(*args, **{**kwargs, 'device': CPU}).to(CUDA)
         if func is torch.Tensor.cuda:
             func, args, kwargs = torch.Tensor.to, (args[0], CUDA), {'non_blocking': kwargs.get('non_blocking', False)}
         if func is torch.Tensor.to:
@@ -310,15 +320,23 @@ def _leaves(t: torch.Tensor) -> List[torch.Tensor]:
     return leaves
 
 
+_real_backward = torch.Tensor.backward
+_real_grad = torch.autograd.grad
+
+
 def _zero_backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
-    # pylint: disable=unused-argument
+    if not _is_fake(self):  # A CPU computation inside the block: its real gradients.
+        return _real_backward(self, gradient, retain_graph, create_graph, inputs)
     with torch.no_grad():
         for leaf in _leaves(self):
             if leaf.grad is None:
                 leaf.grad = torch.zeros_like(leaf)
 
 
-def _zero_grad(outputs, inputs, *args, **kwargs):  # pylint: disable=unused-argument
+def _zero_grad(outputs, inputs, *args, **kwargs):
+    outs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    if not any(_is_fake(o) for o in outs):
+        return _real_grad(outputs, inputs, *args, **kwargs)
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     return tuple(torch.zeros_like(x) for x in inputs)
 
@@ -336,8 +354,9 @@ def fake_cuda():
     """Runs the block with a simulated cuda:0 (see the module docstring); yields the `Log`.
 
     Backward passes cannot run on it (torch's autograd engine asks the CUDA runtime for streams), so inside the
-    block `Tensor.backward` and `torch.autograd.grad` give zero gradients: the forward pass, the losses and the
-    optimizer run on the device as they would, the gradients' values are not computed.
+    block `Tensor.backward` and `torch.autograd.grad` of device tensors give zero gradients: the forward pass, the
+    losses and the optimizer run on the device as they would, the gradients' values are not computed (CPU
+    tensors' backward passes stay real).
     """
     log = Log()
     with contextlib.ExitStack() as stack:

@@ -382,3 +382,15 @@ def test_gpu_check_benchmarks_run_on_cuda(tmp_path, monkeypatch, capsys, device_
     assert all(r['ms'] > 0 and r['rays_per_s'] > 0 and r['peak_mib'] == 4 for r in rows)  # The fake's 4 MiB.
     assert {'reset_peak_memory_stats', 'max_memory_allocated', 'synchronize', 'mem_get_info'} <= set(log.cuda_calls)
     assert 'device=cuda' in capsys.readouterr().out
+
+
+def test_simulated_device_builds_tensors_from_data_and_keeps_cpu_backward(device_guard):
+    # pylint: disable=unused-argument
+    with fakecuda.fake_cuda() as log:
+        x = torch.tensor([1., 2.], device='cuda')
+        y = torch.as_tensor(np.array([3., 4.]), device='cuda')
+        assert x.device.type == y.device.type == 'cuda' and (x * y).tolist() == [3., 8.] and log.syncs == 1
+        w = torch.tensor([2.], requires_grad=True)  # On the CPU: its gradient is computed.
+        (w * 3.).sum().backward()
+        assert w.grad.tolist() == [3.]
+        assert torch.autograd.grad((w ** 2).sum(), w)[0].tolist() == [4.]
