@@ -394,3 +394,14 @@ def test_simulated_device_builds_tensors_from_data_and_keeps_cpu_backward(device
         (w * 3.).sum().backward()
         assert w.grad.tolist() == [3.]
         assert torch.autograd.grad((w ** 2).sum(), w)[0].tolist() == [4.]
+
+
+def test_each_torchrun_process_takes_its_own_gpu(device_guard):  # pylint: disable=unused-argument
+    """Config.device = 'cuda' (or None) on local rank r is cuda:r, so that DistributedDataParallel's device_ids
+    name a device; an explicit index is kept."""
+    from mipnerf360.cli import common  # pylint: disable=import-outside-toplevel
+    with fakecuda.fake_cuda():
+        for device in ('cuda', None):
+            assert common.get_device(configs.Config(device=device), local_rank=1) == torch.device('cuda', 1)
+        assert common.get_device(configs.Config(device='cuda:0'), local_rank=1) == torch.device('cuda', 0)
+    assert common.get_device(configs.Config(device='cpu'), local_rank=1) == torch.device('cpu')

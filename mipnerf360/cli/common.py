@@ -237,7 +237,8 @@ def ensure_output_dir(path: str, what: str) -> str:
 
 
 def get_device(config: configs.Config, local_rank: int = 0) -> torch.device:
-    """`Config.device`, or CUDA device `local_rank` when there is one, else the CPU."""
+    """`Config.device`, or CUDA device `local_rank` when there is one, else the CPU. A plain 'cuda' is CUDA device
+    `local_rank` too: under torchrun each process takes its own GPU (not all of them GPU 0)."""
     if config.device:
         try:
             device = torch.device(config.device)
@@ -247,6 +248,8 @@ def get_device(config: configs.Config, local_rank: int = 0) -> torch.device:
         if device.type == 'cuda' and not torch.cuda.is_available():
             raise configs.ConfigError(f'Config.device = {config.device!r} but CUDA is not available here; set '
                                       "Config.device = 'cpu' (or None).")
+        if device.type == 'cuda' and device.index is None:
+            device = torch.device('cuda', local_rank)
         return device
     if torch.cuda.is_available():
         return torch.device('cuda', local_rank)
