@@ -145,3 +145,32 @@ def test_two_gloo_ranks_equal_one_process_with_the_global_batch(tmp_path):
             assert torch.equal(ranks[0][accum][k], ranks[1][accum][k]), k
     moved = max(float((single[k] - initial[k]).abs().max()) for k in single)
     assert moved > 1e-3  # The steps changed the parameters by far more than the tolerance.
+
+
+def test_every_parameter_of_every_method_gets_a_gradient(tmp_path):
+    """DistributedDataParallel (as train wraps the model, without find_unused_parameters) fails at the second
+    step when a parameter gets no gradient; so for each method's config every parameter must get one."""
+    import gin
+    import pytest
+    from mipnerf360 import configs, datasets, train_utils
+    from mipnerf360.cli import common
+    from test_fake_cuda import METHODS, TINY_MODEL
+    for name, (gin_file, write_scene, bindings) in sorted(METHODS.items()):
+        scene = str(tmp_path / name)
+        try:
+            write_scene(scene)
+        except pytest.skip.Exception:  # RawNeRF without the optional DNG packages.
+            continue
+        gin.clear_config()
+        try:
+            config = configs.load_config(save_config=False, gin_configs=[os.path.join(REPO, gin_file)],
+                                         gin_bindings=[f"Config.data_dir = '{scene}'", *TINY_MODEL, *bindings])
+            sampler = datasets.RaySampler(datasets.load_scene(config, 'train'), config, device='cpu')
+            model = common.build_model(config, torch.device('cpu'))
+        finally:
+            gin.clear_config()
+        state = train_utils.create_train_state(config, model)
+        train_utils.train_step(state, sampler.get_train_batch(1), sampler.cameras, config,
+                               state.step_generator('cpu'), sampler.camtype)
+        assert sum(1 for _ in model.parameters()) > 8
+        assert [k for k, p in model.named_parameters() if p.grad is None] == [], name

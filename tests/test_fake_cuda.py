@@ -166,8 +166,8 @@ def test_checkpoint_loads_onto_the_device_and_device_errors_stay_device_errors(s
         gin.clear_config()
         config = configs.load_config(save_config=False, gin_configs=[setup[1]],
                                      gin_bindings=[f"Config.checkpoint_dir = '{setup[3]}'"])
-        gin.clear_config()
         model = common.build_model(config, torch.device('cuda'))
+        gin.clear_config()
         monkeypatch.setattr(model, 'load_state_dict', out_of_memory)
         with pytest.raises(torch.cuda.OutOfMemoryError):
             common.restore_model(model, config, torch.device('cuda'))
@@ -325,11 +325,11 @@ def test_training_step_makes_no_host_sync_on_cuda(setup):  # pylint: disable=red
     config = configs.load_config(save_config=False, gin_configs=[str(gin_file)], gin_bindings=[
         f"Config.data_dir = '{scene_dir}'", 'Config.batch_size = 256', "Config.nan_policy = 'skip_step'",
         'Config.cast_rays_in_train_step = True'])
-    gin.clear_config()
     with fakecuda.fake_cuda() as log:
         device = torch.device('cuda')
         sampler = datasets.RaySampler(datasets.load_scene(config, 'train'), config, device=device)
-        state = train_utils.create_train_state(config, common.build_model(config, device))
+        state = train_utils.create_train_state(config, common.build_model(config, device))  # The gin MLPs.
+        gin.clear_config()
         cameras = sampler.cameras
         for step in (1, 2):  # Fresh Adam state, then existing state.
             before = log.syncs
