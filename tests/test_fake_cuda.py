@@ -1,8 +1,9 @@
-"""The CUDA code paths of train / eval / render, run on a simulated CUDA device (tests/fakecuda.py) on this
-CPU-only machine: every tensor the commands put on 'cuda' stays there (an operator mixing devices, a CPU
-generator drawing for a CUDA tensor or `.numpy()` of a CUDA tensor fails), the branches taken only on CUDA run
-(device selection, set_device, free-memory render chunks, synchronisation), and eval / render give the CPU's
-numbers. Speed, memory and CUDA kernels need a real GPU (tests/test_gpu.py, bench/gpu_check.sh)."""
+"""The CUDA code paths, run on a simulated CUDA device (tests/fakecuda.py) on this CPU-only machine: train, eval and
+render (also with every method's config), export, the viewer and gpu_check.sh's benchmarks. Every tensor they put on
+'cuda' stays there (an operator mixing devices, a CPU generator drawing for a CUDA tensor or `.numpy()` of a CUDA
+tensor fails), the branches taken only on CUDA run (device selection, set_device, free-memory render chunks and
+accumulation, synchronisation, bf16 autocast), a training step makes no host sync, and the outputs are the CPU's.
+Speed, memory, CUDA kernels and gradients need a real GPU (tests/test_gpu.py, bench/gpu_check.sh)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from mipnerf360.cli import eval as eval_cli
 from mipnerf360.cli import render as render_cli
 from mipnerf360.cli import train as train_cli
 from test_cli_faults import _run, write_tiny_run
-
 
 
 @pytest.fixture(scope='module')
