@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from mipnerf360 import utils
+
 _PATTERN = re.compile(r'^checkpoint_(\d+)\.pt$')
 _TEMP_OWNER = re.compile(r'\.pt\.tmp(\d+)(?:@(.*))?$')  # checkpoint_<step>.pt.tmp<pid>@<host>
 LOCK_NAME = 'train.lock'
@@ -322,18 +324,7 @@ def load_checkpoint(path: str, map_location: Any = 'cpu', describe_fallback: boo
     if map_location is None or (isinstance(map_location, (str, torch.device))
                                 and torch.device(map_location).type == 'cpu'):
         return state
-    return _to_device(state, map_location)
-
-
-def _to_device(x: Any, device: Any) -> Any:
-    """`x` (nested dicts / lists / tuples of tensors and plain values) with every tensor moved to `device`."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return type(x)((k, _to_device(v, device)) for k, v in x.items())
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
+    return utils.tree_map(lambda v: v.to(map_location) if isinstance(v, torch.Tensor) else v, state)
 
 
 def load_newest_intact(checkpoint_dir: str, map_location: Any = 'cpu',
